@@ -1,0 +1,122 @@
+"""Validated configuration of streaming and chunking declarations.
+
+The declarations on :class:`~arrowflow.Agent` build these models; pydantic checks types
+strictly (``stream_size=True`` or ``"10"`` is refused, not coerced) and every failure is
+re-raised as a :class:`~arrowflow.ConfigurationError` naming the agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import ValidationError as _PydanticValidationError
+
+from arrowflow.exceptions import ConfigurationError
+
+__all__ = [
+    "HOOK_ALIASES",
+    "HOOK_NAMES",
+    "STATE_CALLABLE_NAMES",
+    "ChunkConfig",
+    "StreamingConfig",
+    "build",
+]
+
+HOOK_NAMES = ("on_stream_start", "on_stream_complete", "on_stream_error")
+STATE_CALLABLE_NAMES = ("skip_if", "load_existing", "persist_each_stream")
+# Seed names accepted for the same hooks and state callable, as keywords and as methods.
+HOOK_ALIASES = {
+    "on_batch_start": "on_stream_start",
+    "on_batch_complete": "on_stream_complete",
+    "on_batch_error": "on_stream_error",
+    "persist_each_batch": "persist_each_stream",
+}
+
+_OptionalCallable = Callable[..., Any] | None
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+class StreamingConfig(_Frozen):
+    """What ``intelligent_streaming`` declared on an agent class."""
+
+    stream_size: StrictInt = Field(gt=0)
+    over: StrictStr | None = None
+    incremental: StrictBool = False
+    key: StrictStr | None = None
+    state: Any = None
+    skip_if: _OptionalCallable = None
+    load_existing: _OptionalCallable = None
+    persist_each_stream: _OptionalCallable = None
+    on_stream_start: _OptionalCallable = None
+    on_stream_complete: _OptionalCallable = None
+    on_stream_error: _OptionalCallable = None
+    retries: StrictInt = Field(default=0, ge=0)
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    backoff: float = Field(default=1.0, ge=0)
+    on_error: Literal["raise", "continue"] = "raise"
+
+
+class ChunkConfig(_Frozen):
+    """What ``in_chunks_of`` declared on an agent class."""
+
+    size: StrictInt = Field(gt=0)
+    over: StrictStr | None = None
+
+
+_OPTION_NAMES = frozenset(StreamingConfig.model_fields) - {"stream_size", "over", "incremental"}
+
+
+def build(model: type[_Model], agent_name: str, **values: Any) -> _Model:
+    """Validate ``values`` into ``model``, raising ``ConfigurationError`` naming the agent."""
+    if model is StreamingConfig:
+        values = _canonical_options(agent_name, values)
+    try:
+        return model(**values)
+    except _PydanticValidationError as exc:
+        problems = "; ".join(_describe_error(error) for error in exc.errors())
+        raise ConfigurationError(f"Agent '{agent_name}': {problems}.") from None
+
+
+def _canonical_options(agent_name: str, values: dict[str, Any]) -> dict[str, Any]:
+    canonical: dict[str, Any] = {}
+    for name, value in values.items():
+        target = HOOK_ALIASES.get(name, name)
+        if target not in StreamingConfig.model_fields:
+            valid = ", ".join(sorted(_OPTION_NAMES | HOOK_ALIASES.keys()))
+            raise ConfigurationError(
+                f"Agent '{agent_name}': Unknown option '{name}'. Valid options: {valid}."
+            )
+        if target in canonical:
+            raise ConfigurationError(
+                f"Agent '{agent_name}': option '{name}' given twice (as '{target}' and its "
+                "alias); keep one."
+            )
+        canonical[target] = value
+    if "retry_on" in canonical and isinstance(canonical["retry_on"], type):
+        canonical["retry_on"] = (canonical["retry_on"],)
+    state = canonical.get("state")
+    if state is not None:
+        missing = [
+            name for name in STATE_CALLABLE_NAMES if not callable(getattr(state, name, None))
+        ]
+        if missing:
+            raise ConfigurationError(
+                f"Agent '{agent_name}': state= must be a store providing skip_if, "
+                f"load_existing and persist_each_stream; {type(state).__name__} lacks "
+                f"{', '.join(missing)}. Use af.DuckDBState or implement them."
+            )
+    return canonical
+
+
+def _describe_error(error: Any) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "options"
+    message = str(error["msg"])
+    if error["type"] == "callable_type":
+        message = "must be callable"
+    return f"invalid {location}={error['input']!r} ({message})"

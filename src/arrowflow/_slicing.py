@@ -1,0 +1,76 @@
+"""Cutting a table or a lazy reader into streams of ``size`` rows, without copying."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["StreamCutter"]
+
+
+class StreamCutter:
+    """Iterate consecutive zero-copy slices of ``size`` rows; the last may be shorter.
+
+    For a table, ``total`` is known up front. For a ``RecordBatchReader``, batches are pulled
+    only as streams are cut, holding at most one stream plus one batch beyond it: that look-ahead
+    tells whether the stream being handed out is the last, so ``total`` is ``None`` until the
+    end is in sight and known for the last stream.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> cutter = StreamCutter(pa.table({"n": range(25)}), 10)
+        >>> [s.num_rows for s in cutter], cutter.total
+        ([10, 10, 5], 3)
+    """
+
+    def __init__(self, source: pa.Table | pa.RecordBatchReader, size: int) -> None:
+        self.size = size
+        self.schema: pa.Schema = source.schema
+        self._source = source
+        self.total: int | None = None
+        self.rows = 0
+        if isinstance(source, pa.Table):
+            self.total = -(-source.num_rows // size)
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        if isinstance(self._source, pa.Table):
+            return self._slice_table(self._source)
+        return self._slice_reader(self._source)
+
+    def _slice_table(self, table: pa.Table) -> Iterator[pa.Table]:
+        for offset in range(0, table.num_rows, self.size):
+            piece = table.slice(offset, self.size)
+            self.rows += piece.num_rows
+            yield piece
+
+    def _slice_reader(self, reader: pa.RecordBatchReader) -> Iterator[pa.Table]:
+        buffered: list[pa.RecordBatch] = []
+        rows = 0
+        exhausted = False
+        emitted = 0
+        while True:
+            # One row beyond the stream tells whether another stream follows.
+            while rows <= self.size and not exhausted:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    exhausted = True
+                    break
+                buffered.append(batch)
+                rows += batch.num_rows
+            if rows == 0:
+                self.total = emitted
+                return
+            pending = pa.Table.from_batches(buffered, self.schema)
+            piece = pending.slice(0, self.size)
+            rest = pending.slice(self.size)
+            buffered, rows = rest.to_batches(), rest.num_rows
+            emitted += 1
+            if exhausted:
+                self.total = emitted + -(-rows // self.size)
+            self.rows += piece.num_rows
+            yield piece

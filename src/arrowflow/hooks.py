@@ -1,0 +1,25 @@
+"""Calling user hooks so that a failing hook is logged and never halts a run."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["call_hook", "logger"]
+
+logger = logging.getLogger("arrowflow")
+
+
+def call_hook(agent_name: str, hook_name: str, hook: Callable[..., Any] | None, *args: Any) -> None:
+    """Call ``hook(*args)`` if set; an exception is logged on the ``arrowflow`` logger."""
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception:
+        logger.exception(
+            "Agent '%s': hook %s raised; the run goes on without it.", agent_name, hook_name
+        )
