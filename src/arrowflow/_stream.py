@@ -1,0 +1,310 @@
+"""One stream's work: state callables, the scope's agents, retries.
+
+Everything here runs on a stream's own context and touches nothing shared, so the executor can
+run several streams at once. Persistence is separate (:func:`persist_stream`): the executor
+calls it in stream order.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from arrowflow._merge import concat_in_order, merge_outputs
+from arrowflow._slicing import StreamCutter
+from arrowflow._tabular import describe, is_tabular, to_table, to_table_or_reader
+from arrowflow.agent import Agent, AgentLike, agent_class, bound_callable
+from arrowflow.context import Context
+from arrowflow.exceptions import ConfigurationError, ExecutionError
+
+if TYPE_CHECKING:
+    from arrowflow._config import StreamingConfig
+
+__all__ = [
+    "Callables",
+    "Fields",
+    "StreamOutcome",
+    "StreamPlan",
+    "instantiate",
+    "invoke_agent",
+    "persist_stream",
+    "run_stream",
+]
+
+Fields = dict[str, Any]
+_T = TypeVar("_T")
+
+
+def instantiate(agent: AgentLike) -> Agent:
+    """An agent instance: classes are instantiated with no arguments, instances kept."""
+    return agent() if isinstance(agent, type) else agent
+
+
+def _to_fields(agent: Agent, returned: Any) -> Fields:
+    if returned is None:
+        return {}
+    if isinstance(returned, Mapping):
+        return dict(returned)
+    raise ExecutionError(
+        f"Agent '{agent.name}' returned {describe(returned)} from call(); return a mapping of "
+        "the fields to set, or None."
+    )
+
+
+def invoke_agent(agent: Agent, context: Mapping[str, Any]) -> Fields:
+    """Run ``agent`` on ``context`` and return the fields it set.
+
+    An agent declared ``in_chunks_of(n)`` is called once per chunk of ``n`` rows of its tabular
+    field; the chunks' outputs are merged in order like streams (tables concatenated, other
+    values collected in a list).
+    """
+    chunks = agent_class(agent)._chunks
+    if chunks is None:
+        return _to_fields(agent, agent.call(Context(context)))
+    field = chunks.over or _only_tabular_field(agent, context)
+    if field not in context or not is_tabular(context[field], allow_records=True):
+        found = describe(context[field]) if field in context else "nothing"
+        raise ExecutionError(
+            f"Agent '{agent.name}': in_chunks_of needs a table in field '{field}', found {found}."
+        )
+    cutter = StreamCutter(to_table_or_reader(context[field]), chunks.size)
+    outputs: list[tuple[int, Fields]] = []
+    for num, piece in enumerate(cutter, 1):
+        fields = _to_fields(agent, agent.call(Context({**context, field: piece})))
+        fields[field] = as_table(agent, fields.get(field, piece), field, f"chunk {num}")
+        outputs.append((num, fields))
+    return merge_outputs({}, field, outputs, cutter.schema, f"Agent '{agent.name}'")
+
+
+def _only_tabular_field(agent: Agent, context: Mapping[str, Any]) -> str:
+    candidates = [name for name, value in context.items() if is_tabular(value)]
+    if len(candidates) != 1:
+        raise ConfigurationError(
+            f"Agent '{agent.name}': in_chunks_of needs one tabular field, found "
+            f"{len(candidates)} ({', '.join(candidates) or 'none'}); name it with "
+            "in_chunks_of(n, over='field')."
+        )
+    return candidates[0]
+
+
+def as_table(agent: Agent, value: Any, field: str, where: str) -> pa.Table:
+    """The value an agent wrote to a tabular field, as a table; ``ExecutionError`` if not one."""
+    if not is_tabular(value, allow_records=True):
+        raise ExecutionError(
+            f"Agent '{agent.name}', {where}: field '{field}' must stay a table, got "
+            f"{describe(value)}. Return a pyarrow Table or RecordBatch for it."
+        )
+    return to_table(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Callables:
+    """The hooks and state callables of a scope, resolved once per run."""
+
+    on_start: Callable[..., Any] | None
+    on_complete: Callable[..., Any] | None
+    on_error: Callable[..., Any] | None
+    skip_if: Callable[..., Any] | None
+    load_existing: Callable[..., Any] | None
+    persist: Callable[..., Any] | None
+
+    @classmethod
+    def of(cls, trigger: Agent) -> Callables:
+        names = (
+            "on_stream_start",
+            "on_stream_complete",
+            "on_stream_error",
+            "skip_if",
+            "load_existing",
+            "persist_each_stream",
+        )
+        return cls(*(bound_callable(trigger, name) for name in names))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """What every stream of one scope run shares."""
+
+    agents: list[Agent]
+    field: str
+    key: str | None
+    config: StreamingConfig
+    callables: Callables
+
+
+@dataclass(slots=True)
+class StreamOutcome:
+    """What became of one stream. ``fields`` is ``None`` when it failed.
+
+    Attributes:
+        fields: the fields the stream wrote, its streamed field always present as a table.
+        processed: the input rows that went through the agents (not skipped).
+        produced: the rows the agents returned for them (the loaded rows excluded).
+        step: the agent or state callable that raised, when it failed.
+    """
+
+    stream_num: int
+    rows_in: int
+    attempts: int = 0
+    seconds: float = 0.0
+    fields: Fields | None = None
+    processed: pa.Table | None = None
+    produced: pa.Table | None = None
+    skipped: int = 0
+    loaded: int = 0
+    error: Exception | None = None
+    step: str | None = None
+
+    def fail(self, step: str, error: Exception) -> None:
+        self.fields, self.step, self.error = None, step, error
+
+
+class _StepFailed(Exception):
+    """Carries the exception of one step of a stream together with the step's name."""
+
+    def __init__(self, step: str, error: Exception) -> None:
+        super().__init__(step)
+        self.step = step
+        self.error = error
+
+
+def _step(step: str, function: Callable[..., _T], *args: Any) -> _T:
+    try:
+        return function(*args)
+    except Exception as exc:
+        raise _StepFailed(step, exc) from exc
+
+
+def _with_retries(
+    config: StreamingConfig, outcome: StreamOutcome, attempt: Callable[[], None]
+) -> None:
+    """Run ``attempt`` until it succeeds or retries run out; record the failure in ``outcome``."""
+    started = time.perf_counter()
+    try:
+        while True:
+            outcome.attempts += 1
+            try:
+                attempt()
+                return
+            except _StepFailed as failed:
+                retryable = isinstance(failed.error, config.retry_on)
+                if not retryable or outcome.attempts > config.retries:
+                    outcome.fail(failed.step, failed.error)
+                    return
+                time.sleep(backoff_delay(config.backoff, outcome.attempts))
+    finally:
+        outcome.seconds += time.perf_counter() - started
+
+
+def run_stream(plan: StreamPlan, context: Fields) -> StreamOutcome:
+    """Skip, load, run the agents on the rest and order the rows, retrying as configured."""
+    piece: pa.Table = context[plan.field]
+    outcome = StreamOutcome(context["_batch_metadata"]["batch_number"], piece.num_rows)
+
+    def attempt() -> None:
+        (
+            outcome.fields,
+            outcome.processed,
+            outcome.produced,
+            outcome.skipped,
+            outcome.loaded,
+        ) = _attempt(plan, context, piece)
+
+    _with_retries(plan.config, outcome, attempt)
+    return outcome
+
+
+def _attempt(
+    plan: StreamPlan, context: Fields, piece: pa.Table
+) -> tuple[Fields, pa.Table, pa.Table, int, int]:
+    field, callables = plan.field, plan.callables
+    todo, loaded = piece, None
+    if callables.skip_if is not None:
+        mask = _as_mask(_step("skip_if", callables.skip_if, piece, Context(context)), piece)
+        todo = piece.filter(pc.invert(mask))
+        if callables.load_existing is not None and todo.num_rows < piece.num_rows:
+            skipped = piece.filter(mask)
+            returned = _step("load_existing", callables.load_existing, skipped, Context(context))
+            loaded = to_table(returned)
+    written: Fields = {}
+    processed = todo
+    if todo.num_rows:
+        current = {**context, field: todo}
+        where = f"stream {context['_batch_metadata']['batch_number']}"
+        for agent in plan.agents:
+            fields = _step(agent.name, invoke_agent, agent, current)
+            if field in fields:
+                fields[field] = _step(agent.name, as_table, agent, fields[field], field, where)
+            current = {**current, **fields}
+            written.update(fields)
+        processed = current[field]
+    results = processed if loaded is None else _combine(loaded, processed)
+    if callables.skip_if is not None and plan.key is not None:
+        results = _step("ordering by key", _order_by_key, results, piece, plan.key)
+    written[field] = results
+    skipped_rows = piece.num_rows - todo.num_rows
+    return written, todo, processed, skipped_rows, 0 if loaded is None else loaded.num_rows
+
+
+def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) -> None:
+    """Hand a completed stream's processed results to ``persist_each_stream``, with retries.
+
+    Only rows that went through the agents are persisted; the callable's context is the
+    stream's, its field holding those input rows. Nothing is persisted when every row was
+    skipped.
+    """
+    persist = plan.callables.persist
+    processed, produced = outcome.processed, outcome.produced
+    if persist is None or outcome.fields is None or processed is None or produced is None:
+        return
+    if not processed.num_rows:
+        return
+    persist_context = Context({**context, **outcome.fields, plan.field: processed})
+    _with_retries(
+        plan.config,
+        outcome,
+        lambda: _step("persist_each_stream", persist, produced, persist_context),
+    )
+
+
+def _as_mask(mask: Any, piece: pa.Table) -> Any:
+    """A boolean Arrow array from ``skip_if``'s result (Arrow or numpy); nulls mean keep."""
+    array = mask if isinstance(mask, pa.Array | pa.ChunkedArray) else pa.array(mask)
+    if not pa.types.is_boolean(array.type) or len(array) != piece.num_rows:
+        raise _StepFailed(
+            "skip_if",
+            ExecutionError(
+                f"skip_if must return a boolean mask of {piece.num_rows} values, got "
+                f"{len(array)} values of type {array.type}."
+            ),
+        )
+    return pc.fill_null(array, pa.scalar(False))
+
+
+def _combine(loaded: pa.Table, processed: pa.Table) -> pa.Table:
+    return concat_in_order([(1, loaded), (2, processed)], processed.schema, "loaded + processed")
+
+
+def _order_by_key(results: pa.Table, piece: pa.Table, key: str) -> pa.Table:
+    """Rows in the input order of their keys; keys not in the input keep their order, last."""
+    if key not in results.column_names:
+        raise ExecutionError(
+            f"key column '{key}' is missing from the stream's results; keep it in the output "
+            "of the scope's agents."
+        )
+    positions = pc.index_in(results[key], value_set=piece[key])
+    order = pc.sort_indices(positions, null_placement="at_end")
+    return results.take(order)
+
+
+def backoff_delay(base: float, attempt: int) -> float:
+    """Exponential backoff with jitter: ``base * 2**(attempt-1)``, scaled by 0.5 to 1.5."""
+    if base == 0:
+        return 0.0
+    return float(base * 2 ** (attempt - 1) * (0.5 + random.random()))
