@@ -34,7 +34,7 @@ from arrowflow.exceptions import (
 )
 from arrowflow.executor import PipelineBatchExecutor
 from arrowflow.flow import Flow, FlowStream, Pipeline
-from arrowflow.io import read_parquet, scan_parquet
+from arrowflow.io import ParquetSink, read_parquet, scan_parquet
 from arrowflow.results import PipelineResult, StreamResult
 from arrowflow.scope import BatchingScope, BatchingScopeManager
 
@@ -51,6 +51,7 @@ __all__ = [
     "ExecutionError",
     "Flow",
     "FlowStream",
+    "ParquetSink",
     "Pipeline",
     "PipelineBatchExecutor",
     "PipelineResult",

@@ -60,6 +60,8 @@ class StreamingConfig(_Frozen):
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     backoff: float = Field(default=1.0, ge=0)
     on_error: Literal["raise", "continue"] = "raise"
+    max_concurrency: StrictInt = Field(default=1, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
 
 
 class ChunkConfig(_Frozen):

@@ -8,14 +8,17 @@ calls it in stream order.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arrowflow._async import resolve
 from arrowflow._merge import concat_in_order, merge_outputs
 from arrowflow._slicing import StreamCutter
 from arrowflow._tabular import describe, is_tabular, to_table, to_table_or_reader
@@ -66,7 +69,7 @@ def invoke_agent(agent: Agent, context: Mapping[str, Any]) -> Fields:
     """
     chunks = agent_class(agent)._chunks
     if chunks is None:
-        return _to_fields(agent, agent.call(Context(context)))
+        return _to_fields(agent, resolve(agent.call(Context(context))))
     field = chunks.over or _only_tabular_field(agent, context)
     if field not in context or not is_tabular(context[field], allow_records=True):
         found = describe(context[field]) if field in context else "nothing"
@@ -76,7 +79,7 @@ def invoke_agent(agent: Agent, context: Mapping[str, Any]) -> Fields:
     cutter = StreamCutter(to_table_or_reader(context[field]), chunks.size)
     outputs: list[tuple[int, Fields]] = []
     for num, piece in enumerate(cutter, 1):
-        fields = _to_fields(agent, agent.call(Context({**context, field: piece})))
+        fields = _to_fields(agent, resolve(agent.call(Context({**context, field: piece}))))
         fields[field] = as_table(agent, fields.get(field, piece), field, f"chunk {num}")
         outputs.append((num, fields))
     return merge_outputs({}, field, outputs, cutter.schema, f"Agent '{agent.name}'")
@@ -174,29 +177,67 @@ class _StepFailed(Exception):
         self.error = error
 
 
-def _step(step: str, function: Callable[..., _T], *args: Any) -> _T:
-    try:
-        return function(*args)
-    except Exception as exc:
-        raise _StepFailed(step, exc) from exc
+class _Steps:
+    """Runs the steps of one attempt, remembering which one is running (for timeouts)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current = "skip_if"
+
+    def run(self, step: str, function: Callable[..., _T], *args: Any) -> _T:
+        self.current = step
+        try:
+            return function(*args)
+        except Exception as exc:
+            raise _StepFailed(step, exc) from exc
+
+
+def _call_with_timeout(function: Callable[[], _T], timeout: float | None, steps: _Steps) -> _T:
+    """``function()``, abandoned with ``TimeoutError`` after ``timeout`` seconds.
+
+    The attempt runs in a daemon thread that nobody waits for: an overrun cannot be
+    interrupted in Python, so it may finish in the background, its result ignored.
+    """
+    if timeout is None:
+        return function()
+    finished = threading.Event()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = function()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=target, name="arrowflow-attempt", daemon=True).start()
+    if not finished.wait(timeout):
+        error = TimeoutError(f"stream attempt exceeded timeout={timeout}s")
+        raise _StepFailed(steps.current, error)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 def _with_retries(
-    config: StreamingConfig, outcome: StreamOutcome, attempt: Callable[[], None]
-) -> None:
-    """Run ``attempt`` until it succeeds or retries run out; record the failure in ``outcome``."""
+    config: StreamingConfig, outcome: StreamOutcome, attempt: Callable[[_Steps], _T]
+) -> _T | None:
+    """Run ``attempt`` until it succeeds or retries run out; a failure is recorded in
+    ``outcome`` and gives ``None``."""
     started = time.perf_counter()
     try:
         while True:
             outcome.attempts += 1
+            steps = _Steps()
             try:
-                attempt()
-                return
+                return _call_with_timeout(partial(attempt, steps), config.timeout, steps)
             except _StepFailed as failed:
                 retryable = isinstance(failed.error, config.retry_on)
                 if not retryable or outcome.attempts > config.retries:
                     outcome.fail(failed.step, failed.error)
-                    return
+                    return None
                 time.sleep(backoff_delay(config.backoff, outcome.attempts))
     finally:
         outcome.seconds += time.perf_counter() - started
@@ -206,31 +247,25 @@ def run_stream(plan: StreamPlan, context: Fields) -> StreamOutcome:
     """Skip, load, run the agents on the rest and order the rows, retrying as configured."""
     piece: pa.Table = context[plan.field]
     outcome = StreamOutcome(context["_batch_metadata"]["batch_number"], piece.num_rows)
-
-    def attempt() -> None:
-        (
-            outcome.fields,
-            outcome.processed,
-            outcome.produced,
-            outcome.skipped,
-            outcome.loaded,
-        ) = _attempt(plan, context, piece)
-
-    _with_retries(plan.config, outcome, attempt)
+    done = _with_retries(plan.config, outcome, lambda steps: _attempt(plan, context, piece, steps))
+    if done is not None:
+        outcome.fields, outcome.processed, outcome.produced, outcome.skipped, outcome.loaded = done
     return outcome
 
 
 def _attempt(
-    plan: StreamPlan, context: Fields, piece: pa.Table
+    plan: StreamPlan, context: Fields, piece: pa.Table, steps: _Steps
 ) -> tuple[Fields, pa.Table, pa.Table, int, int]:
     field, callables = plan.field, plan.callables
     todo, loaded = piece, None
     if callables.skip_if is not None:
-        mask = _as_mask(_step("skip_if", callables.skip_if, piece, Context(context)), piece)
+        mask = _as_mask(steps.run("skip_if", callables.skip_if, piece, Context(context)), piece)
         todo = piece.filter(pc.invert(mask))
         if callables.load_existing is not None and todo.num_rows < piece.num_rows:
             skipped = piece.filter(mask)
-            returned = _step("load_existing", callables.load_existing, skipped, Context(context))
+            returned = steps.run(
+                "load_existing", callables.load_existing, skipped, Context(context)
+            )
             loaded = to_table(returned)
     written: Fields = {}
     processed = todo
@@ -238,15 +273,15 @@ def _attempt(
         current = {**context, field: todo}
         where = f"stream {context['_batch_metadata']['batch_number']}"
         for agent in plan.agents:
-            fields = _step(agent.name, invoke_agent, agent, current)
+            fields = steps.run(agent.name, invoke_agent, agent, current)
             if field in fields:
-                fields[field] = _step(agent.name, as_table, agent, fields[field], field, where)
+                fields[field] = steps.run(agent.name, as_table, agent, fields[field], field, where)
             current = {**current, **fields}
             written.update(fields)
         processed = current[field]
     results = processed if loaded is None else _combine(loaded, processed)
     if callables.skip_if is not None and plan.key is not None:
-        results = _step("ordering by key", _order_by_key, results, piece, plan.key)
+        results = steps.run("ordering by key", _order_by_key, results, piece, plan.key)
     written[field] = results
     skipped_rows = piece.num_rows - todo.num_rows
     return written, todo, processed, skipped_rows, 0 if loaded is None else loaded.num_rows
@@ -269,7 +304,7 @@ def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) ->
     _with_retries(
         plan.config,
         outcome,
-        lambda: _step("persist_each_stream", persist, produced, persist_context),
+        lambda steps: steps.run("persist_each_stream", persist, produced, persist_context),
     )
 
 

@@ -8,7 +8,9 @@ result; at the end it merges the streams' results in order.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Generator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
@@ -30,6 +32,7 @@ from arrowflow.agent import agent_class
 from arrowflow.context import Context
 from arrowflow.exceptions import BatchExecutionError, ConfigurationError, ExecutionError
 from arrowflow.hooks import call_hook
+from arrowflow.progress import open_progress
 from arrowflow.results import StreamResult
 from arrowflow.state.base import ScopeInfo
 from arrowflow.stats import StatsRecorder, StreamRecord
@@ -37,6 +40,7 @@ from arrowflow.stats import StatsRecorder, StreamRecord
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from arrowflow.io import Sink
     from arrowflow.scope import BatchingScope
 
 __all__ = ["PipelineBatchExecutor", "drain", "instantiate", "invoke_agent"]
@@ -95,21 +99,34 @@ class PipelineBatchExecutor:
         return drain(self.iter_batches(context, agent_results))
 
     def iter_batches(
-        self, context: Mapping[str, Any], agent_results: Mapping[str, Any] | None = None
+        self,
+        context: Mapping[str, Any],
+        agent_results: Mapping[str, Any] | None = None,
+        *,
+        progress: bool | None = False,
+        sink: Sink | None = None,
     ) -> Generator[StreamResult, None, dict[str, Any]]:
         """Yield each completed stream's result in order; return the merged context.
 
         Everything that can be checked before an agent runs is checked when this is called;
-        closing the generator early stops the run after the current stream.
+        closing the generator early stops the run after the current stream. ``progress`` and
+        ``sink`` are the run options of :meth:`Flow.run`: with a sink, each stream's rows are
+        written to it as they complete, and the merged field is read back from it lazily.
         """
-        run = _ScopeRun(self, {**context, **(agent_results or {})})
+        run = _ScopeRun(self, {**context, **(agent_results or {})}, progress, sink)
         return run.execute()
 
 
 class _ScopeRun:
     """One execution of a scope: its plan, its streams, and what they produced."""
 
-    def __init__(self, executor: PipelineBatchExecutor, context: Fields) -> None:
+    def __init__(
+        self,
+        executor: PipelineBatchExecutor,
+        context: Fields,
+        progress: bool | None,
+        sink: Sink | None,
+    ) -> None:
         scope = executor.scope
         size = scope.chunk_size
         if not scope.is_valid() or size is None:
@@ -138,6 +155,9 @@ class _ScopeRun:
         self.outputs: list[tuple[int, Fields]] = []
         self.scope_id = f"{trigger.name}:{id(self):x}"
         self.state = config.state
+        self.progress = open_progress(progress, trigger.name, self.cutter.total)
+        self.sink = sink
+        self.failure: BatchExecutionError | None = None
         executor.accumulated_results = []
         whole_input = source if isinstance(source, pa.Table) else None
         self._call_state("begin_run", self._scope_info(agents, source.schema), whole_input)
@@ -154,13 +174,35 @@ class _ScopeRun:
             function(*args)
 
     def execute(self) -> Generator[StreamResult, None, dict[str, Any]]:
+        """Run the streams, up to ``max_concurrency`` at once, completing them in order.
+
+        Memory stays bounded: a stream is cut from the input only when a slot is free, so at
+        most ``max_concurrency`` streams are in flight plus the one being delivered and the
+        cutter's look-ahead.
+        """
         status = "failed"
+        limit = self.plan.config.max_concurrency
+        pool = (
+            ThreadPoolExecutor(limit, thread_name_prefix="arrowflow-stream") if limit > 1 else None
+        )
+        in_flight: deque[tuple[Fields, Future[StreamOutcome]]] = deque()
+        contexts = self._stream_contexts()
         try:
-            for context in self._stream_contexts():
-                outcome = run_stream(self.plan, context)
-                result = self._complete(outcome, context)
-                if result is not None:
+            while True:
+                while self.failure is None and len(in_flight) < limit:
+                    context = next(contexts, None)
+                    if context is None:
+                        break
+                    in_flight.append((context, _start(pool, self.plan, context)))
+                if not in_flight:
+                    break
+                context, future = in_flight.popleft()
+                result = self._complete(future.result(), context)
+                if result is not None and self.failure is None:
                     yield result
+            if self.failure is not None:
+                self.failure.partial_results = self._merge()
+                raise self.failure from self.failure.original_error
             merged = self._finish()
             status = "ok"
             return merged
@@ -168,6 +210,13 @@ class _ScopeRun:
             status = "stopped"
             raise
         finally:
+            if pool is not None:
+                # Streams still running are abandoned, not awaited: stopping means stopping.
+                pool.shutdown(wait=False, cancel_futures=True)
+            if self.progress is not None:
+                self.progress.close()
+            if self.sink is not None:
+                self.sink.close()
             self.executor.execution_stats = self.recorder.as_dict()
             self._call_state("end_run", self.executor.execution_stats, status)
 
@@ -194,15 +243,26 @@ class _ScopeRun:
         call_hook(self.trigger.name, name, hook, *args)
 
     def _complete(self, outcome: StreamOutcome, context: Fields) -> StreamResult | None:
-        """In stream order: persist, record, call hooks, deliver or fail."""
+        """In stream order: persist, record, call hooks, then deliver or note the failure.
+
+        The first failure under ``on_error="raise"`` stops the scheduling of new streams;
+        the streams already in flight still complete (and persist) before it is raised.
+        """
         persist_stream(self.plan, outcome, context)
         num, total = outcome.stream_num, self.cutter.total
         fields = outcome.fields
-        self.recorder.add(_record(outcome, self.plan.field))
+        record = _record(outcome, self.plan.field)
+        self.recorder.add(record)
+        if self.progress is not None:
+            self.progress.update(record, total)
         if fields is not None:
+            results = fields[self.plan.field]
+            if self.sink is not None:
+                self.sink.write(results)
+                # The sink holds the rows now; keeping them here would grow without bound.
+                fields = {name: value for name, value in fields.items() if name != self.plan.field}
             self.outputs.append((num, fields))
             self.executor.accumulated_results.append(fields)
-            results = fields[self.plan.field]
             if self.plan.config.incremental:
                 self._hook("on_stream_complete", num, total, results)
             return StreamResult(num, total, results)
@@ -210,23 +270,31 @@ class _ScopeRun:
         assert error is not None
         self._call_state("record_failure", num, context[self.plan.field], error)
         self._hook("on_stream_error", num, total, error, Context(context))
-        if self.plan.config.on_error == "continue":
-            return None
-        shown = f"{num}/{total}" if total is not None else str(num)
-        raise BatchExecutionError(
-            f"Agent '{outcome.step}', stream {shown}, field '{self.plan.field}': "
-            f"{type(error).__name__}: {error} (after {outcome.attempts} attempt(s)). "
-            "Completed streams are in .partial_results; use retries= or on_error='continue' to "
-            "go on past failing streams.",
-            batch_number=num,
-            total_batches=total,
-            original_error=error,
-            partial_results=self._merge(),
-        ) from error
+        if self.plan.config.on_error == "raise" and self.failure is None:
+            shown = f"{num}/{total}" if total is not None else str(num)
+            failure = BatchExecutionError(
+                f"Agent '{outcome.step}', stream {shown}, field '{self.plan.field}': "
+                f"{type(error).__name__}: {error} (after {outcome.attempts} attempt(s)). "
+                "Completed streams are in .partial_results; use retries= or "
+                "on_error='continue' to go on past failing streams.",
+                batch_number=num,
+                total_batches=total,
+                original_error=error,
+                partial_results={},
+            )
+            self.failure = failure
+        return None
 
     def _merge(self) -> dict[str, Any]:
         where = f"Agent '{self.trigger.name}'"
-        return merge_outputs(self.base, self.plan.field, self.outputs, self.cutter.schema, where)
+        field = self.plan.field
+        if self.sink is None:
+            return merge_outputs(self.base, field, self.outputs, self.cutter.schema, where)
+        empty = self.cutter.schema.empty_table()
+        outputs = [(num, {**fields, field: empty}) for num, fields in self.outputs]
+        merged = merge_outputs(self.base, field, outputs, self.cutter.schema, where)
+        merged[field] = self.sink.read_back(self.cutter.schema)
+        return merged
 
     def _finish(self) -> dict[str, Any]:
         merged = self._merge()
@@ -234,6 +302,17 @@ class _ScopeRun:
             total = self.cutter.total
             self._hook("on_stream_complete", total, total, merged[self.plan.field])
         return merged
+
+
+def _start(
+    pool: ThreadPoolExecutor | None, plan: StreamPlan, context: Fields
+) -> Future[StreamOutcome]:
+    """Run a stream on the pool, or right here when streams run one at a time."""
+    if pool is not None:
+        return pool.submit(run_stream, plan, context)
+    future: Future[StreamOutcome] = Future()
+    future.set_result(run_stream(plan, context))
+    return future
 
 
 def _record(outcome: StreamOutcome, field: str) -> StreamRecord:

@@ -8,17 +8,33 @@ a run starts, before any agent runs.
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from arrowflow.agent import Agent, AgentLike
 from arrowflow.exceptions import ConfigurationError
 from arrowflow.executor import PipelineBatchExecutor, drain, instantiate, invoke_agent
+from arrowflow.io import as_sink
 from arrowflow.results import PipelineResult, StreamResult
 from arrowflow.scope import BatchingScope, BatchingScopeManager
+
+if TYPE_CHECKING:
+    import os
+
+    from arrowflow.io import Sink
 
 __all__ = ["Flow", "FlowStream", "Pipeline"]
 
 ENGINES = ("local",)
+
+
+@dataclass(frozen=True, slots=True)
+class _RunOptions:
+    """The reserved keyword options of ``run`` and ``stream``."""
+
+    engine: str
+    progress: bool | None
+    sink: Sink | None
 
 
 def _is_agent(step: object) -> bool:
@@ -81,38 +97,68 @@ class Flow:
         return BatchingScopeManager().detect_scopes(self)
 
     def run(
-        self, context: Mapping[str, Any] | None = None, /, *, engine: str = "local", **fields: Any
+        self,
+        context: Mapping[str, Any] | None = None,
+        /,
+        *,
+        engine: str = "local",
+        progress: bool | None = None,
+        sink: Sink | str | os.PathLike[str] | None = None,
+        **fields: Any,
     ) -> PipelineResult:
         """Run the flow on ``context`` and ``fields``; return the final context and stats.
 
-        Fields whose names are reserved run options (``engine``) go in the positional mapping.
+        Args:
+            context: initial fields; use it for fields whose names are reserved run options.
+            engine: ``"local"`` runs in this process.
+            progress: a progress bar per scope; ``None`` shows one only in a notebook or a
+                terminal (when tqdm is installed), ``True`` always, ``False`` never.
+            sink: where the first scope writes each stream as it completes, in order: a
+                Parquet path or an :class:`~arrowflow.ParquetSink`. The scope's field is then
+                not kept in memory: after the scope it is a ``RecordBatchReader`` over the sink.
+            **fields: more initial fields.
         """
-        return drain(self._execute({**(context or {}), **fields}, engine=engine))
+        options = _RunOptions(engine, progress, as_sink(sink))
+        return drain(self._execute({**(context or {}), **fields}, options))
 
     def stream(
-        self, context: Mapping[str, Any] | None = None, /, *, engine: str = "local", **fields: Any
+        self,
+        context: Mapping[str, Any] | None = None,
+        /,
+        *,
+        engine: str = "local",
+        progress: bool | None = None,
+        sink: Sink | str | os.PathLike[str] | None = None,
+        **fields: Any,
     ) -> FlowStream:
         """Iterate the results of the first scope's streams, in order, as they complete.
 
-        The agents after the scope run when the iterator is exhausted; its ``.result`` is then
-        the :class:`PipelineResult`. Stopping early (``break``, ``close()``) stops the run.
+        Takes the arguments of :meth:`run`. The agents after the scope run when the iterator
+        is exhausted; its ``.result`` is then the :class:`PipelineResult`. Stopping early
+        (``break``, ``close()``) stops the run: no later agent runs.
         """
-        return FlowStream(self._execute({**(context or {}), **fields}, engine=engine))
+        options = _RunOptions(engine, progress, as_sink(sink))
+        return FlowStream(self._execute({**(context or {}), **fields}, options))
 
     def _execute(
-        self, context: dict[str, Any], *, engine: str
+        self, context: dict[str, Any], options: _RunOptions
     ) -> Generator[StreamResult, None, PipelineResult]:
         """Check the options and the scopes now, then return the run as a generator."""
-        if engine not in ENGINES:
-            raise ConfigurationError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
+        if options.engine not in ENGINES:
+            raise ConfigurationError(
+                f"Unknown engine {options.engine!r}; available: {', '.join(ENGINES)}."
+            )
         agents = [instantiate(agent) for agent in self.agents]
         manager = BatchingScopeManager()
         manager.detect_scopes(agents)
-        return self._run(agents, manager, context)
+        return self._run(agents, manager, context, options)
 
     @staticmethod
     def _run(
-        agents: list[Agent], manager: BatchingScopeManager, context: dict[str, Any]
+        agents: list[Agent],
+        manager: BatchingScopeManager,
+        context: dict[str, Any],
+        options: _RunOptions,
     ) -> Generator[StreamResult, None, PipelineResult]:
         scopes = manager.scopes
         starts = {id(scope.trigger_agent): scope for scope in scopes}
@@ -123,7 +169,9 @@ class Flow:
             scope = starts.get(id(agent))
             if scope is not None:
                 executor = PipelineBatchExecutor(scope)
-                batches = executor.iter_batches(context)
+                batches = executor.iter_batches(
+                    context, progress=options.progress, sink=options.sink if first else None
+                )
                 context = (yield from batches) if first else drain(batches)
                 first = False
                 stats.append(executor.execution_stats)
@@ -198,16 +246,32 @@ class Pipeline:
         self.context: dict[str, Any] = context
 
     def run(
-        self, context: Mapping[str, Any] | None = None, /, *, engine: str = "local", **fields: Any
+        self,
+        context: Mapping[str, Any] | None = None,
+        /,
+        *,
+        engine: str = "local",
+        progress: bool | None = None,
+        sink: Sink | str | os.PathLike[str] | None = None,
+        **fields: Any,
     ) -> PipelineResult:
-        """Run the flow on the constructor's context updated with ``context`` and ``fields``."""
-        return self._flow().run({**self.context, **(context or {}), **fields}, engine=engine)
+        """Like :meth:`Flow.run`, on the constructor's context updated with the arguments."""
+        merged = {**self.context, **(context or {}), **fields}
+        return self._flow().run(merged, engine=engine, progress=progress, sink=sink)
 
     def stream(
-        self, context: Mapping[str, Any] | None = None, /, *, engine: str = "local", **fields: Any
+        self,
+        context: Mapping[str, Any] | None = None,
+        /,
+        *,
+        engine: str = "local",
+        progress: bool | None = None,
+        sink: Sink | str | os.PathLike[str] | None = None,
+        **fields: Any,
     ) -> FlowStream:
-        """Like :meth:`Flow.stream`, on the constructor's context."""
-        return self._flow().stream({**self.context, **(context or {}), **fields}, engine=engine)
+        """Like :meth:`Flow.stream`, on the constructor's context updated with the arguments."""
+        merged = {**self.context, **(context or {}), **fields}
+        return self._flow().stream(merged, engine=engine, progress=progress, sink=sink)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._flow()!r})"

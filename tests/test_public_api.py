@@ -1,0 +1,66 @@
+"""The public surface of ``arrowflow`` (DESIGN §1, §6; STYLE 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import arrowflow as af
+
+REQUIRED = {
+    "Agent",
+    "ArrowflowError",
+    "BatchExecutionError",
+    "BatchingScope",
+    "BatchingScopeManager",
+    "ConfigurationError",
+    "ExecutionError",
+    "Flow",
+    "Pipeline",
+    "PipelineBatchExecutor",
+    "agent",
+    "ends_batching",
+    "in_chunks_of",
+    "intelligent_batching",
+    "intelligent_streaming",
+    "triggers_batching",
+}
+OPTIONAL = ("polars", "ray", "tqdm", "matplotlib", "pandas")
+
+
+def test_all_is_sorted_and_unique() -> None:
+    assert list(af.__all__) == sorted(af.__all__)
+    assert len(set(af.__all__)) == len(af.__all__)
+
+
+def test_every_name_in_all_is_importable() -> None:
+    for name in af.__all__:
+        assert getattr(af, name, None) is not None, name
+    namespace: dict[str, object] = {}
+    exec("from arrowflow import *", namespace)
+    assert set(af.__all__) <= set(namespace)
+
+
+def test_contract_names_are_exported() -> None:
+    missing = REQUIRED - set(af.__all__)
+    assert not missing
+
+
+def test_error_hierarchy() -> None:
+    assert issubclass(af.ConfigurationError, af.ArrowflowError)
+    assert issubclass(af.ConfigurationError, ValueError)
+    assert issubclass(af.ExecutionError, af.ArrowflowError)
+    assert issubclass(af.BatchExecutionError, af.ExecutionError)
+    assert not issubclass(af.ExecutionError, ValueError)
+
+
+def test_import_does_not_load_optional_libraries() -> None:
+    code = (
+        "import sys, arrowflow\n"
+        f"loaded = sorted(m for m in {OPTIONAL!r} if m in sys.modules)\n"
+        "print(','.join(loaded))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert completed.stdout.strip() == ""
