@@ -32,7 +32,7 @@ from arrowflow.agent import agent_class
 from arrowflow.context import Context
 from arrowflow.exceptions import BatchExecutionError, ConfigurationError, ExecutionError
 from arrowflow.hooks import call_hook
-from arrowflow.progress import open_progress
+from arrowflow.progress import ProgressBar, open_progress
 from arrowflow.results import StreamResult
 from arrowflow.state.base import ScopeInfo
 from arrowflow.stats import StatsRecorder, StreamRecord
@@ -155,12 +155,13 @@ class _ScopeRun:
         self.outputs: list[tuple[int, Fields]] = []
         self.scope_id = f"{trigger.name}:{id(self):x}"
         self.state = config.state
-        self.progress = open_progress(progress, trigger.name, self.cutter.total)
+        self.scope_info = self._scope_info(agents, source.schema)
+        self.whole_input = source if isinstance(source, pa.Table) else None
+        self.progress_option = progress
+        self.progress: ProgressBar | None = None
         self.sink = sink
         self.failure: BatchExecutionError | None = None
         executor.accumulated_results = []
-        whole_input = source if isinstance(source, pa.Table) else None
-        self._call_state("begin_run", self._scope_info(agents, source.schema), whole_input)
 
     def _scope_info(self, agents: list[Any], schema: Any) -> ScopeInfo:
         names = tuple(
@@ -188,6 +189,10 @@ class _ScopeRun:
         in_flight: deque[tuple[Fields, Future[StreamOutcome]]] = deque()
         contexts = self._stream_contexts()
         try:
+            self._call_state("begin_run", self.scope_info, self.whole_input)
+            self.progress = open_progress(
+                self.progress_option, self.trigger.name, self.cutter.total
+            )
             while True:
                 while self.failure is None and len(in_flight) < limit:
                     context = next(contexts, None)

@@ -10,7 +10,7 @@ also follow the run's lifecycle: the executor calls each method below when the s
   ``batch`` holds the stream's input rows, never marked done.
 - ``end_run(stats, status)`` once when the run ends, whatever the outcome (``status`` is
   ``"ok"``, ``"failed"`` or ``"stopped"``), with the scope's ``execution_stats``; a store
-  releases its database here.
+  releases its database here. It is called even when ``begin_run`` itself raised.
 """
 
 from __future__ import annotations
