@@ -39,7 +39,8 @@ async def _await(awaitable: Awaitable[Any]) -> Any:
 
 def resolve(value: Any) -> Any:
     """``value`` itself, or, when it is awaitable, what it resolves to on the shared loop."""
-    if not inspect.isawaitable(value):
+    # Most agents return a dict or None: answer those without the slower protocol check.
+    if value is None or type(value) is dict or not inspect.isawaitable(value):
         return value
     future = asyncio.run_coroutine_threadsafe(_await(value), _background_loop())
     return future.result()

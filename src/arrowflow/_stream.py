@@ -22,7 +22,7 @@ from arrowflow._async import resolve
 from arrowflow._merge import concat_in_order, merge_outputs
 from arrowflow._slicing import StreamCutter
 from arrowflow._tabular import describe, is_tabular, to_table, to_table_or_reader
-from arrowflow.agent import Agent, AgentLike, agent_class, bound_callable
+from arrowflow.agent import Agent, AgentLike, bound_callable
 from arrowflow.context import Context
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 
@@ -67,7 +67,7 @@ def invoke_agent(agent: Agent, context: Mapping[str, Any]) -> Fields:
     field; the chunks' outputs are merged in order like streams (tables concatenated, other
     values collected in a list).
     """
-    chunks = agent_class(agent)._chunks
+    chunks = type(agent)._chunks
     if chunks is None:
         return _to_fields(agent, resolve(agent.call(Context(context))))
     field = chunks.over or _only_tabular_field(agent, context)
@@ -98,6 +98,8 @@ def _only_tabular_field(agent: Agent, context: Mapping[str, Any]) -> str:
 
 def as_table(agent: Agent, value: Any, field: str, where: str) -> pa.Table:
     """The value an agent wrote to a tabular field, as a table; ``ExecutionError`` if not one."""
+    if type(value) is pa.Table:
+        return value
     if not is_tabular(value, allow_records=True):
         raise ExecutionError(
             f"Agent '{agent.name}', {where}: field '{field}' must stay a table, got "
@@ -168,32 +170,16 @@ class StreamOutcome:
         self.fields, self.step, self.error = None, step, error
 
 
-class _StepFailed(Exception):
-    """Carries the exception of one step of a stream together with the step's name."""
-
-    def __init__(self, step: str, error: Exception) -> None:
-        super().__init__(step)
-        self.step = step
-        self.error = error
-
-
 class _Steps:
-    """Runs the steps of one attempt, remembering which one is running (for timeouts)."""
+    """Which step of an attempt is running: the name a failure or a timeout is blamed on."""
 
     __slots__ = ("current",)
 
     def __init__(self) -> None:
         self.current = "skip_if"
 
-    def run(self, step: str, function: Callable[..., _T], *args: Any) -> _T:
-        self.current = step
-        try:
-            return function(*args)
-        except Exception as exc:
-            raise _StepFailed(step, exc) from exc
 
-
-def _call_with_timeout(function: Callable[[], _T], timeout: float | None, steps: _Steps) -> _T:
+def _call_with_timeout(function: Callable[[], _T], timeout: float | None) -> _T:
     """``function()``, abandoned with ``TimeoutError`` after ``timeout`` seconds.
 
     The attempt runs in a daemon thread that nobody waits for: an overrun cannot be
@@ -214,8 +200,7 @@ def _call_with_timeout(function: Callable[[], _T], timeout: float | None, steps:
 
     threading.Thread(target=target, name="arrowflow-attempt", daemon=True).start()
     if not finished.wait(timeout):
-        error = TimeoutError(f"stream attempt exceeded timeout={timeout}s")
-        raise _StepFailed(steps.current, error)
+        raise TimeoutError(f"stream attempt exceeded timeout={timeout}s")
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
@@ -232,11 +217,11 @@ def _with_retries(
             outcome.attempts += 1
             steps = _Steps()
             try:
-                return _call_with_timeout(partial(attempt, steps), config.timeout, steps)
-            except _StepFailed as failed:
-                retryable = isinstance(failed.error, config.retry_on)
+                return _call_with_timeout(partial(attempt, steps), config.timeout)
+            except Exception as error:
+                retryable = isinstance(error, config.retry_on)
                 if not retryable or outcome.attempts > config.retries:
-                    outcome.fail(failed.step, failed.error)
+                    outcome.fail(steps.current, error)
                     return None
                 time.sleep(backoff_delay(config.backoff, outcome.attempts))
     finally:
@@ -259,29 +244,29 @@ def _attempt(
     field, callables = plan.field, plan.callables
     todo, loaded = piece, None
     if callables.skip_if is not None:
-        mask = _as_mask(steps.run("skip_if", callables.skip_if, piece, Context(context)), piece)
+        steps.current = "skip_if"
+        mask = _as_mask(callables.skip_if(piece, Context(context)), piece)
         todo = piece.filter(pc.invert(mask))
         if callables.load_existing is not None and todo.num_rows < piece.num_rows:
-            skipped = piece.filter(mask)
-            returned = steps.run(
-                "load_existing", callables.load_existing, skipped, Context(context)
-            )
-            loaded = to_table(returned)
+            steps.current = "load_existing"
+            loaded = to_table(callables.load_existing(piece.filter(mask), Context(context)))
     written: Fields = {}
     processed = todo
     if todo.num_rows:
         current = {**context, field: todo}
-        where = f"stream {context['_batch_metadata']['batch_number']}"
         for agent in plan.agents:
-            fields = steps.run(agent.name, invoke_agent, agent, current)
-            if field in fields:
-                fields[field] = steps.run(agent.name, as_table, agent, fields[field], field, where)
+            steps.current = agent.name
+            fields = invoke_agent(agent, current)
+            if field in fields and type(fields[field]) is not pa.Table:
+                where = f"stream {context['_batch_metadata']['batch_number']}"
+                fields[field] = as_table(agent, fields[field], field, where)
             current = {**current, **fields}
             written.update(fields)
         processed = current[field]
+    steps.current = "merge of loaded and processed rows"
     results = processed if loaded is None else _combine(loaded, processed)
     if callables.skip_if is not None and plan.key is not None:
-        results = steps.run("ordering by key", _order_by_key, results, piece, plan.key)
+        results = _order_by_key(results, piece, plan.key)
     written[field] = results
     skipped_rows = piece.num_rows - todo.num_rows
     return written, todo, processed, skipped_rows, 0 if loaded is None else loaded.num_rows
@@ -304,20 +289,24 @@ def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) ->
     _with_retries(
         plan.config,
         outcome,
-        lambda steps: steps.run("persist_each_stream", persist, produced, persist_context),
+        lambda steps: _persist(steps, persist, produced, persist_context),
     )
+
+
+def _persist(
+    steps: _Steps, persist: Callable[..., Any], results: pa.Table, context: Context
+) -> None:
+    steps.current = "persist_each_stream"
+    persist(results, context)
 
 
 def _as_mask(mask: Any, piece: pa.Table) -> Any:
     """A boolean Arrow array from ``skip_if``'s result (Arrow or numpy); nulls mean keep."""
     array = mask if isinstance(mask, pa.Array | pa.ChunkedArray) else pa.array(mask)
     if not pa.types.is_boolean(array.type) or len(array) != piece.num_rows:
-        raise _StepFailed(
-            "skip_if",
-            ExecutionError(
-                f"skip_if must return a boolean mask of {piece.num_rows} values, got "
-                f"{len(array)} values of type {array.type}."
-            ),
+        raise ExecutionError(
+            f"skip_if must return a boolean mask of {piece.num_rows} values, got "
+            f"{len(array)} values of type {array.type}."
         )
     return pc.fill_null(array, pa.scalar(False))
 

@@ -186,7 +186,7 @@ class _ScopeRun:
         pool = (
             ThreadPoolExecutor(limit, thread_name_prefix="arrowflow-stream") if limit > 1 else None
         )
-        in_flight: deque[tuple[Fields, Future[StreamOutcome]]] = deque()
+        in_flight: deque[tuple[Fields, Future[StreamOutcome] | _Ran]] = deque()
         contexts = self._stream_contexts()
         try:
             self._call_state("begin_run", self.scope_info, self.whole_input)
@@ -240,7 +240,8 @@ class _ScopeRun:
                     "array_field": field,
                 },
             }
-            self._hook("on_stream_start", num, self.cutter.total, Context(context))
+            if self.plan.callables.on_start is not None:
+                self._hook("on_stream_start", num, self.cutter.total, Context(context))
             yield context
 
     def _hook(self, name: str, *args: Any) -> None:
@@ -253,7 +254,8 @@ class _ScopeRun:
         The first failure under ``on_error="raise"`` stops the scheduling of new streams;
         the streams already in flight still complete (and persist) before it is raised.
         """
-        persist_stream(self.plan, outcome, context)
+        if self.plan.callables.persist is not None:
+            persist_stream(self.plan, outcome, context)
         num, total = outcome.stream_num, self.cutter.total
         fields = outcome.fields
         record = _record(outcome, self.plan.field)
@@ -309,15 +311,25 @@ class _ScopeRun:
         return merged
 
 
+class _Ran:
+    """The outcome of a stream run right here, shaped like a ``Future`` of it."""
+
+    __slots__ = ("_outcome",)
+
+    def __init__(self, outcome: StreamOutcome) -> None:
+        self._outcome = outcome
+
+    def result(self) -> StreamOutcome:
+        return self._outcome
+
+
 def _start(
     pool: ThreadPoolExecutor | None, plan: StreamPlan, context: Fields
-) -> Future[StreamOutcome]:
+) -> Future[StreamOutcome] | _Ran:
     """Run a stream on the pool, or right here when streams run one at a time."""
-    if pool is not None:
-        return pool.submit(run_stream, plan, context)
-    future: Future[StreamOutcome] = Future()
-    future.set_result(run_stream(plan, context))
-    return future
+    if pool is None:
+        return _Ran(run_stream(plan, context))
+    return pool.submit(run_stream, plan, context)
 
 
 def _record(outcome: StreamOutcome, field: str) -> StreamRecord:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ STREAMS_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamRecord:
     """What happened to one stream. ``rows_out`` is 0 and ``error`` set when it failed."""
 
@@ -58,8 +58,7 @@ class StatsRecorder:
     def as_dict(self, *, finished: bool = True) -> dict[str, Any]:
         """The ``execution_stats`` mapping (DESIGN §6); ``end_time`` is ``None`` while running."""
         ok = [r for r in self.records if r.is_ok]
-        rows = [astuple(r) for r in self.records]
-        columns = [[row[i] for row in rows] for i in range(len(STREAMS_SCHEMA))]
+        columns = [[getattr(r, name) for r in self.records] for name in STREAMS_SCHEMA.names]
         return {
             "total_batches": len(self.records),
             "successful_batches": len(ok),

@@ -1,0 +1,110 @@
+"""Overhead of a streaming scope against the loop a user would write by hand.
+
+Both run the same three vectorised steps over every stream of the same table: add
+``y = x * 2``, drop the rows where ``k % 3 == 0``, add ``z = y + id``. The hand-written loop is
+``Table.slice`` + those steps + ``pa.concat_tables``; arrowflow runs them as three agents in a
+scope started by ``intelligent_streaming``. What arrowflow adds per stream (contexts, metadata,
+hooks lookup, statistics, merge) is the difference.
+
+Run with ``make bench``, or::
+
+    ARROWFLOW_BENCH_ROWS=1000000 python -m pytest benchmarks --benchmark-only
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import arrowflow as af
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from conftest import OverheadReport
+
+STREAM_SIZES = [1_000, 10_000, 100_000]
+
+
+def double_x(rows: pa.Table) -> pa.Table:
+    return rows.append_column("y", pc.multiply(rows["x"], 2.0))
+
+
+def drop_thirds(rows: pa.Table) -> pa.Table:
+    return rows.filter(pc.not_equal(pc.remainder(rows["k"], 3), 0))
+
+
+def add_id(rows: pa.Table) -> pa.Table:
+    return rows.append_column("z", pc.add(rows["y"], pc.cast(rows["id"], pa.float64())))
+
+
+STEPS: list[Callable[[pa.Table], pa.Table]] = [double_x, drop_thirds, add_id]
+
+
+def hand_loop(table: pa.Table, stream_size: int) -> pa.Table:
+    parts = []
+    for offset in range(0, table.num_rows, stream_size):
+        part = table.slice(offset, stream_size)
+        for step in STEPS:
+            part = step(part)
+        parts.append(part)
+    return pa.concat_tables(parts)
+
+
+class DoubleX(af.Agent):
+    def call(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        return {"rows": double_x(context["rows"])}
+
+
+class DropThirds(af.Agent):
+    def call(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        return {"rows": drop_thirds(context["rows"])}
+
+
+class AddId(af.Agent):
+    def call(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        return {"rows": add_id(context["rows"])}
+
+
+def streamed_flow(stream_size: int) -> af.Flow:
+    @af.intelligent_streaming(stream_size, over="rows")
+    class StreamedDoubleX(DoubleX):
+        pass
+
+    return StreamedDoubleX >> DropThirds >> AddId
+
+
+@pytest.fixture(scope="session")
+def expected(table: pa.Table) -> pa.Table:
+    """The three steps over the whole table at once: what every run must return."""
+    return hand_loop(table, max(table.num_rows, 1))
+
+
+@pytest.mark.parametrize("stream_size", STREAM_SIZES, ids=lambda size: f"{size}")
+@pytest.mark.parametrize("runner", ["hand_loop", "arrowflow"])
+def test_overhead(
+    benchmark: Any,
+    table: pa.Table,
+    expected: pa.Table,
+    overhead_report: OverheadReport,
+    rounds: int,
+    stream_size: int,
+    runner: str,
+) -> None:
+    benchmark.group = f"stream size {stream_size:,} ({table.num_rows:,} rows)"
+    flow = streamed_flow(stream_size)
+
+    def run() -> pa.Table:
+        if runner == "hand_loop":
+            return hand_loop(table, stream_size)
+        result: pa.Table = flow.run(rows=table, progress=False)["rows"]
+        return result
+
+    result = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+
+    assert result.equals(expected)
+    stats = benchmark.stats.stats
+    overhead_report.add(stream_size, runner, stats.min, stats.median, rounds)
