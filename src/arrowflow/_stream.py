@@ -52,6 +52,8 @@ def instantiate(agent: AgentLike) -> Agent:
 def _to_fields(agent: Agent, returned: Any) -> Fields:
     if returned is None:
         return {}
+    if type(returned) is dict:
+        return returned
     if isinstance(returned, Mapping):
         return dict(returned)
     raise ExecutionError(
@@ -80,7 +82,7 @@ def invoke_agent(agent: Agent, context: Mapping[str, Any]) -> Fields:
     outputs: list[tuple[int, Fields]] = []
     for num, piece in enumerate(cutter, 1):
         fields = _to_fields(agent, resolve(agent.call(Context({**context, field: piece}))))
-        fields[field] = as_table(agent, fields.get(field, piece), field, f"chunk {num}")
+        fields = {**fields, field: as_table(agent, fields.get(field, piece), field, f"chunk {num}")}
         outputs.append((num, fields))
     return merge_outputs({}, field, outputs, cutter.schema, f"Agent '{agent.name}'")
 
@@ -179,14 +181,12 @@ class _Steps:
         self.current = "skip_if"
 
 
-def _call_with_timeout(function: Callable[[], _T], timeout: float | None) -> _T:
+def _call_with_timeout(function: Callable[[], _T], timeout: float) -> _T:
     """``function()``, abandoned with ``TimeoutError`` after ``timeout`` seconds.
 
     The attempt runs in a daemon thread that nobody waits for: an overrun cannot be
     interrupted in Python, so it may finish in the background, its result ignored.
     """
-    if timeout is None:
-        return function()
     finished = threading.Event()
     box: dict[str, Any] = {}
 
@@ -207,17 +207,22 @@ def _call_with_timeout(function: Callable[[], _T], timeout: float | None) -> _T:
 
 
 def _with_retries(
-    config: StreamingConfig, outcome: StreamOutcome, attempt: Callable[[_Steps], _T]
+    config: StreamingConfig,
+    outcome: StreamOutcome,
+    attempt: Callable[..., _T],
+    *args: Any,
 ) -> _T | None:
-    """Run ``attempt`` until it succeeds or retries run out; a failure is recorded in
-    ``outcome`` and gives ``None``."""
+    """Run ``attempt(steps, *args)`` until it succeeds or retries run out; a failure is
+    recorded in ``outcome`` and gives ``None``."""
     started = time.perf_counter()
     try:
         while True:
             outcome.attempts += 1
             steps = _Steps()
             try:
-                return _call_with_timeout(partial(attempt, steps), config.timeout)
+                if config.timeout is None:
+                    return attempt(steps, *args)
+                return _call_with_timeout(partial(attempt, steps, *args), config.timeout)
             except Exception as error:
                 retryable = isinstance(error, config.retry_on)
                 if not retryable or outcome.attempts > config.retries:
@@ -232,14 +237,14 @@ def run_stream(plan: StreamPlan, context: Fields) -> StreamOutcome:
     """Skip, load, run the agents on the rest and order the rows, retrying as configured."""
     piece: pa.Table = context[plan.field]
     outcome = StreamOutcome(context["_batch_metadata"]["batch_number"], piece.num_rows)
-    done = _with_retries(plan.config, outcome, lambda steps: _attempt(plan, context, piece, steps))
+    done = _with_retries(plan.config, outcome, _attempt, plan, context, piece)
     if done is not None:
         outcome.fields, outcome.processed, outcome.produced, outcome.skipped, outcome.loaded = done
     return outcome
 
 
 def _attempt(
-    plan: StreamPlan, context: Fields, piece: pa.Table, steps: _Steps
+    steps: _Steps, plan: StreamPlan, context: Fields, piece: pa.Table
 ) -> tuple[Fields, pa.Table, pa.Table, int, int]:
     field, callables = plan.field, plan.callables
     todo, loaded = piece, None
@@ -259,7 +264,8 @@ def _attempt(
             fields = invoke_agent(agent, current)
             if field in fields and type(fields[field]) is not pa.Table:
                 where = f"stream {context['_batch_metadata']['batch_number']}"
-                fields[field] = as_table(agent, fields[field], field, where)
+                # A copy: the agent's own dict is left as it returned it.
+                fields = {**fields, field: as_table(agent, fields[field], field, where)}
             current = {**current, **fields}
             written.update(fields)
         processed = current[field]
@@ -286,11 +292,7 @@ def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) ->
     if not processed.num_rows:
         return
     persist_context = Context({**context, **outcome.fields, plan.field: processed})
-    _with_retries(
-        plan.config,
-        outcome,
-        lambda steps: _persist(steps, persist, produced, persist_context),
-    )
+    _with_retries(plan.config, outcome, _persist, persist, produced, persist_context)
 
 
 def _persist(
