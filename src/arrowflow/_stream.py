@@ -325,7 +325,7 @@ def _order_by_key(results: pa.Table, piece: pa.Table, key: str) -> pa.Table:
             "of the scope's agents."
         )
     positions = pc.index_in(results[key], value_set=piece[key])
-    order = pc.sort_indices(positions, null_placement="at_end")
+    order = pc.array_sort_indices(positions, null_placement="at_end")  # stable
     return results.take(order)
 
 

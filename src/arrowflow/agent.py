@@ -29,7 +29,6 @@ __all__ = [
     "AgentLike",
     "agent",
     "agent_class",
-    "agent_name",
     "ends_batching",
     "in_chunks_of",
     "intelligent_batching",
@@ -226,40 +225,36 @@ class Agent(metaclass=_AgentMeta):
 AgentLike = Agent | type[Agent]
 
 
-def _method(cls: type[Agent], name: str) -> Callable[..., Any] | None:
-    """The function defining hook or state callable ``name`` (or a seed alias) on ``cls``."""
-    for candidate in (name, *(alias for alias, full in HOOK_ALIASES.items() if full == name)):
-        found = getattr(cls, candidate, None)
+def _method(owner: type[Agent] | Agent, name: str) -> Callable[..., Any] | None:
+    """The method defining hook or state callable ``name`` (or a seed alias) on ``owner``."""
+    aliases = (alias for alias, full in HOOK_ALIASES.items() if full == name)
+    for candidate in (name, *aliases):
+        found = getattr(owner, candidate, None)
         if callable(found):
             return found  # type: ignore[no-any-return]
     return None
 
 
 def bound_callable(agent: Agent, name: str) -> Callable[..., Any] | None:
-    """The hook or state callable ``name`` of a streaming agent: option, else method."""
+    """The hook or state callable ``name`` of a streaming agent.
+
+    An option of the declaration wins, then the ``state=`` store's method, then a method of
+    the agent (under its name or its seed alias).
+    """
     config = type(agent)._streaming
-    option = getattr(config, name, None) if config is not None else None
-    if option is not None:
-        return option  # type: ignore[no-any-return]
-    if config is not None and config.state is not None and hasattr(config.state, name):
-        return getattr(config.state, name)  # type: ignore[no-any-return]
-    if _method(type(agent), name) is None:
-        return None
-    for candidate in (name, *(alias for alias, full in HOOK_ALIASES.items() if full == name)):
-        found = getattr(agent, candidate, None)
-        if callable(found):
-            return found  # type: ignore[no-any-return]
-    return None
+    if config is not None:
+        option = getattr(config, name)
+        if option is not None:
+            return option  # type: ignore[no-any-return]
+        store_method = getattr(config.state, name, None)
+        if callable(store_method):
+            return store_method  # type: ignore[no-any-return]
+    return _method(agent, name)
 
 
 def agent_class(agent: AgentLike) -> type[Agent]:
     """The class of an agent given as a class or an instance."""
     return agent if isinstance(agent, type) else type(agent)
-
-
-def agent_name(agent: AgentLike) -> str:
-    """The name of an agent given as a class or an instance."""
-    return agent.name
 
 
 def _check_agent_class(target: Any, decorator: str) -> type[Agent]:
