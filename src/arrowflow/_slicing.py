@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from arrowflow.exceptions import ExecutionError
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -22,13 +24,18 @@ class StreamCutter:
 
     Example:
         >>> import pyarrow as pa
+
+from arrowflow.exceptions import ExecutionError
         >>> cutter = StreamCutter(pa.table({"n": range(25)}), 10)
         >>> [s.num_rows for s in cutter], cutter.total
         ([10, 10, 5], 3)
     """
 
-    def __init__(self, source: pa.Table | pa.RecordBatchReader, size: int) -> None:
+    def __init__(
+        self, source: pa.Table | pa.RecordBatchReader, size: int, where: str = "input"
+    ) -> None:
         self.size = size
+        self.where = where
         self.schema: pa.Schema = source.schema
         self._source = source
         self.total: int | None = None
@@ -60,6 +67,10 @@ class StreamCutter:
                 except StopIteration:
                     exhausted = True
                     break
+                except (pa.ArrowException, OSError) as exc:
+                    raise ExecutionError(
+                        f"{self.where}: reading stream {emitted + 1} from the input failed: {exc}"
+                    ) from exc
                 buffered.append(batch)
                 rows += batch.num_rows
             if rows == 0:

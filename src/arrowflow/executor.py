@@ -150,7 +150,7 @@ class _ScopeRun:
         self.base = context
         self.trigger = trigger
         self.plan = StreamPlan(agents, field, key, config, Callables.of(trigger))
-        self.cutter = StreamCutter(source, size)
+        self.cutter = StreamCutter(source, size, f"Agent '{trigger.name}', field '{field}'")
         self.recorder = StatsRecorder()
         self.outputs: list[tuple[int, Fields]] = []
         self.scope_id = f"{trigger.name}:{id(self):x}"

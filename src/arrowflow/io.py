@@ -82,9 +82,10 @@ class Sink(Protocol):
 class ParquetSink:
     """Write each stream to one Parquet file as it completes, in order, in bounded memory.
 
-    The file's schema is the first stream's; a later stream with the same columns is cast to
-    it, anything else is an ``ExecutionError``. Streams without rows are not written. The file
-    is complete when the run ends; reading it back is lazy (:func:`scan_parquet`).
+    The file's schema is the first stream's; a later stream with the same columns (in any
+    order) is cast to it, anything else is an ``ExecutionError``. Streams without rows are not
+    written. The file is complete when the run ends; reading it back is lazy
+    (:func:`scan_parquet`).
 
     Example:
         >>> import arrowflow as af, pyarrow as pa
@@ -119,14 +120,19 @@ class ParquetSink:
         self._schema = schema
 
     def _conform(self, table: pa.Table, schema: pa.Schema) -> pa.Table:
-        try:
-            return table.select(schema.names).cast(schema)
-        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError) as exc:
-            raise ExecutionError(
-                f"Parquet sink {str(self.path)!r}: a stream's columns do not match the file's "
-                f"({exc}).\nfile: {schema}\nstream: {table.schema}\nReturn the same columns "
-                "from every stream."
-            ) from exc
+        problem = None
+        if sorted(table.schema.names) != sorted(schema.names):
+            problem = "other columns"
+        else:
+            try:
+                return table.select(schema.names).cast(schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError) as exc:
+                problem = str(exc)
+        raise ExecutionError(
+            f"Parquet sink {str(self.path)!r}: a stream's columns do not match the file's "
+            f"({problem}).\nfile: {schema}\nstream: {table.schema}\nReturn the same columns "
+            "from every stream."
+        )
 
     def close(self) -> None:
         if self._writer is not None:
