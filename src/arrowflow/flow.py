@@ -176,7 +176,13 @@ class Flow:
                 first = False
                 stats.append(executor.execution_stats)
             elif id(agent) not in skip:
-                context = {**context, **invoke_agent(agent, context)}
+                try:
+                    fields = invoke_agent(agent, context)
+                except Exception as exc:
+                    # Keep the agent's own exception type; say where it came from.
+                    exc.add_note(f"raised by agent '{agent.name}'")
+                    raise
+                context = {**context, **fields}
         return PipelineResult(context, stats)
 
 
