@@ -2,7 +2,8 @@
 
 The input size is ``ARROWFLOW_BENCH_ROWS`` rows (10,000,000 by default; set it lower for a quick
 run). After the run, the terminal summary prints arrowflow's time over the hand-written loop's for
-each stream size, both measured in this same session.
+each stream size, both measured in this same session, then the sections other benchmarks leave in
+the ``figures`` fixture (concurrency, memory).
 """
 
 from __future__ import annotations
@@ -72,6 +73,23 @@ class OverheadReport:
 _REPORT_KEY = pytest.StashKey[OverheadReport]()
 
 
+@dataclass
+class Figures:
+    """Lines for the terminal summary, by section title, in the order benchmarks add them.
+
+    A section's heading lines (given once, when it is first added to) come before its lines.
+    """
+
+    sections: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, title: str, heading: str, *lines: str) -> None:
+        section = self.sections.setdefault(title, [heading])
+        section.extend(lines)
+
+
+_FIGURES_KEY = pytest.StashKey[Figures]()
+
+
 def _uniform_words(rng: random.Random, n: int) -> pa.UInt64Array:
     # Bytes from one seeded generator, reinterpreted as uint64: n random words without a loop.
     return pa.Array.from_buffers(pa.uint64(), n, [None, pa.py_buffer(rng.randbytes(8 * n))])
@@ -107,16 +125,25 @@ def overhead_report(pytestconfig: pytest.Config) -> OverheadReport:
     return report
 
 
+@pytest.fixture(scope="session")
+def figures(pytestconfig: pytest.Config) -> Figures:
+    """Where benchmarks leave figures for their own sections of the terminal summary."""
+    return pytestconfig.stash.setdefault(_FIGURES_KEY, Figures())
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
     report = config.stash.get(_REPORT_KEY, None)
-    if report is None or len(report.lines()) == 1:
-        return
-    terminalreporter.section("arrowflow overhead against the hand-written loop")
-    terminalreporter.write_line(
-        f"{report.rows:,} rows, best of {report.rounds} rounds each, both in this session"
-    )
-    for line in report.lines():
-        terminalreporter.write_line(line)
+    if report is not None and len(report.lines()) > 1:
+        terminalreporter.section("arrowflow overhead against the hand-written loop")
+        terminalreporter.write_line(
+            f"{report.rows:,} rows, best of {report.rounds} rounds each, both in this session"
+        )
+        for line in report.lines():
+            terminalreporter.write_line(line)
+    for title, lines in config.stash.get(_FIGURES_KEY, Figures()).sections.items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)

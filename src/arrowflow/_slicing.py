@@ -24,8 +24,6 @@ class StreamCutter:
 
     Example:
         >>> import pyarrow as pa
-
-from arrowflow.exceptions import ExecutionError
         >>> cutter = StreamCutter(pa.table({"n": range(25)}), 10)
         >>> [s.num_rows for s in cutter], cutter.total
         ([10, 10, 5], 3)

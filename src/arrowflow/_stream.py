@@ -209,20 +209,22 @@ def _call_with_timeout(function: Callable[[], _T], timeout: float) -> _T:
 def _with_retries(
     config: StreamingConfig,
     outcome: StreamOutcome,
+    timeout: float | None,
     attempt: Callable[..., _T],
     *args: Any,
 ) -> _T | None:
-    """Run ``attempt(steps, *args)`` until it succeeds or retries run out; a failure is
-    recorded in ``outcome`` and gives ``None``."""
+    """Run ``attempt(steps, *args)`` until it succeeds or retries run out, each attempt
+    abandoned after ``timeout`` seconds; a failure is recorded in ``outcome`` and gives
+    ``None``."""
     started = time.perf_counter()
     try:
         while True:
             outcome.attempts += 1
             steps = _Steps()
             try:
-                if config.timeout is None:
+                if timeout is None:
                     return attempt(steps, *args)
-                return _call_with_timeout(partial(attempt, steps, *args), config.timeout)
+                return _call_with_timeout(partial(attempt, steps, *args), timeout)
             except Exception as error:
                 retryable = isinstance(error, config.retry_on)
                 if not retryable or outcome.attempts > config.retries:
@@ -237,7 +239,7 @@ def run_stream(plan: StreamPlan, context: Fields) -> StreamOutcome:
     """Skip, load, run the agents on the rest and order the rows, retrying as configured."""
     piece: pa.Table = context[plan.field]
     outcome = StreamOutcome(context["_batch_metadata"]["batch_number"], piece.num_rows)
-    done = _with_retries(plan.config, outcome, _attempt, plan, context, piece)
+    done = _with_retries(plan.config, outcome, plan.config.timeout, _attempt, plan, context, piece)
     if done is not None:
         outcome.fields, outcome.processed, outcome.produced, outcome.skipped, outcome.loaded = done
     return outcome
@@ -292,7 +294,8 @@ def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) ->
     if not processed.num_rows:
         return
     persist_context = Context({**context, **outcome.fields, plan.field: processed})
-    _with_retries(plan.config, outcome, _persist, persist, produced, persist_context)
+    # No timeout here: an abandoned save could still be writing when its retry starts.
+    _with_retries(plan.config, outcome, None, _persist, persist, produced, persist_context)
 
 
 def _persist(

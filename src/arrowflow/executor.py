@@ -194,7 +194,7 @@ class _ScopeRun:
                 self.progress_option, self.trigger.name, self.cutter.total
             )
             while True:
-                while self.failure is None and len(in_flight) < limit:
+                while len(in_flight) < limit and not self._is_failing(in_flight):
                     context = next(contexts, None)
                     if context is None:
                         break
@@ -224,6 +224,19 @@ class _ScopeRun:
                 self.sink.close()
             self.executor.execution_stats = self.recorder.as_dict()
             self._call_state("end_run", self.executor.execution_stats, status)
+
+    def _is_failing(self, in_flight: deque[tuple[Fields, Future[StreamOutcome] | _Ran]]) -> bool:
+        """Whether no new stream should start: a failure under ``on_error="raise"`` is known,
+        or a stream still waiting for its turn to complete has already failed."""
+        if self.failure is not None:
+            return True
+        if self.plan.config.on_error != "raise" or len(in_flight) < 2:
+            return False
+        return any(
+            future.done() and future.result().fields is None
+            for _, future in in_flight
+            if isinstance(future, Future)
+        )
 
     def _stream_contexts(self) -> Iterator[Fields]:
         """Each stream's context, its hook ``on_stream_start`` called just before."""
