@@ -37,6 +37,7 @@ from arrowflow.flow import Flow, FlowStream, Pipeline
 from arrowflow.io import ParquetSink, read_parquet, scan_parquet
 from arrowflow.results import PipelineResult, StreamResult
 from arrowflow.scope import BatchingScope, BatchingScopeManager
+from arrowflow.state import DuckDBState
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "BatchingScopeManager",
     "ConfigurationError",
     "Context",
+    "DuckDBState",
     "ExecutionError",
     "Flow",
     "FlowStream",

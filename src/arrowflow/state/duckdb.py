@@ -1,0 +1,464 @@
+"""``DuckDBState``: vectorised, resumable state for a streaming scope, kept in DuckDB (DESIGN §5).
+
+The store skips the rows whose key is already done (an anti-join), loads their stored results
+(a semi-join) and persists each stream's new results together with its done keys (an upsert,
+one transaction per stream), so a rerun — even after ``kill -9`` — resumes where the last one
+stopped and returns what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from arrowflow.exceptions import ConfigurationError, ExecutionError
+from arrowflow.state._keys import check_keys, key_column
+from arrowflow.state._layout import SCHEMA, duck_types, open_database, registered, transaction
+from arrowflow.state._results import ResultTable
+from arrowflow.state._resume import Resume
+from arrowflow.state._runs import (
+    SEEN,
+    Run,
+    check_seen,
+    fingerprint,
+    fingerprint_id,
+    record_run,
+    stream_number,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+    from arrowflow.state.base import ScopeInfo
+
+__all__ = ["DuckDBState", "fingerprint"]
+
+logger = logging.getLogger("arrowflow")
+
+MEMORY = ":memory:"
+_KEY_TYPE_VIEW = "arrowflow_key_type_view"
+
+
+class DuckDBState:
+    """Skip, load and persist a streaming scope's rows by key, in a DuckDB database.
+
+    Give it as ``state=`` to ``intelligent_streaming``: rows whose key is done under the
+    scope's fingerprint are skipped and their stored results loaded; each stream's new results
+    and done keys are stored in one transaction as the stream completes. The fingerprint covers
+    the qualified names of the scope's agents, the streamed field, the key and ``version``:
+    change any of them (bump ``version`` when an agent's logic changes) and every row is
+    processed again, its stored results replaced.
+
+    The results are a plain table named ``table`` (``select * from quick_fit``), whose
+    columns follow the agents' output (new columns are added as they appear); arrowflow's
+    bookkeeping (done keys, runs, streams, failures) lives in the ``arrowflow`` schema.
+
+    A file database is opened when a run starts and closed when it ends, so other processes
+    (``duckdb.connect(path, read_only=True)``) can read it between runs. ``":memory:"`` stays
+    open until :meth:`close` (closing it discards it). State callables called outside a run
+    open the database and keep it open until :meth:`close`; use the store as a context manager.
+    One run at a time per store.
+
+    Args:
+        path: a database file (created if missing) or ``":memory:"``.
+        table: the name of the result table.
+        key: the key column: unique, never null, in the input and in the results.
+        version: part of the fingerprint; change it to recompute everything.
+
+    Example:
+        >>> import pyarrow as pa, pyarrow.compute as pc
+        >>> import arrowflow as af
+        >>> from arrowflow.state import DuckDBState
+        >>> store = DuckDBState(":memory:", table="scores", key="id")
+        >>> @af.intelligent_streaming(stream_size=2, over="rows", state=store)
+        ... class Score(af.Agent):
+        ...     def call(self, context):
+        ...         rows = context["rows"]
+        ...         return {"rows": rows.append_column("score", pc.multiply(rows["n"], 10))}
+        >>> first = af.Flow(Score).run(rows=pa.table({"id": [1, 2, 3], "n": [1, 2, 3]}))
+        >>> again = af.Flow(Score).run(rows=pa.table({"id": [1, 2, 3, 4], "n": [1, 2, 3, 4]}))
+        >>> again["rows"]["score"].to_pylist(), again.stats[0]["skipped_items"]
+        ([10, 20, 30, 40], 3)
+        >>> store.close()
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = MEMORY,
+        table: str = "quick_fit",
+        key: str = "id",
+        version: str | int | None = None,
+    ) -> None:
+        for name, value in (("table", table), ("key", key)):
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(
+                    f"DuckDBState: {name}= must be a non-empty string, got {value!r}."
+                )
+        if version is not None and (not isinstance(version, str | int) or version is True):
+            raise ConfigurationError(
+                f"DuckDBState: version= must be a string, an int or None, got {version!r}."
+            )
+        if not isinstance(path, str | os.PathLike):
+            raise ConfigurationError(f"DuckDBState: path= must be a path, got {path!r}.")
+        text = os.fspath(path)
+        self.path: str = text if text == MEMORY else os.path.abspath(text)
+        self.table = table
+        self.key = key
+        self.version = version
+        self._lock = threading.RLock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._tables: dict[str, ResultTable] = {}
+        self._run: Run | None = None
+        self._loose: dict[str | None, Run] = {}
+        self._fingerprint: str | None = None
+
+    def __repr__(self) -> str:
+        return f"DuckDBState(path={self.path!r}, table={self.table!r}, key={self.key!r})"
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the current or last run, if any."""
+        return self._fingerprint
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the store holds its database open."""
+        return self._con is not None
+
+    def __enter__(self) -> DuckDBState:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database (an in-memory one is then gone)."""
+        with self._lock:
+            self._run = None
+            self._forget()
+            con, self._con = self._con, None
+            if con is not None:
+                con.close()
+
+    # -- lifecycle, called by the executor -------------------------------------------------
+
+    def begin_run(self, scope: ScopeInfo, source: pa.Table | None) -> None:
+        """Open the database, check the input's keys, and learn what is done.
+
+        For a table input the keys are checked (present, not null, unique, of the stored
+        type) and the done rows with their stored results fetched in one query; for a lazy
+        reader only the key's presence and type are checked here, the rest stream by stream.
+        """
+        with self._lock:
+            if self._run is not None:
+                logger.warning("%s: the previous run never ended; recording it as abandoned.", self)
+                self.end_run({}, "abandoned")
+            key = scope.key or self.key
+            where = self._where(scope.field)
+            if key not in scope.schema.names:
+                raise ExecutionError(
+                    f"{where}: key column '{key}' is missing (columns: "
+                    f"{', '.join(scope.schema.names)}). Give the store the key= of a column of "
+                    "the input, or add the column before the scope."
+                )
+            try:
+                self._run = self._start(scope, key, source, where)
+            except BaseException:
+                self._release()
+                raise
+
+    def _start(self, scope: ScopeInfo, key: str, source: pa.Table | None, where: str) -> Run:
+        con = self._connection()
+        table = self._result_table(key)
+        key_type = self._key_type(con, table, scope.schema.field(key), where)
+        if source is not None:
+            check_keys(source[key], key, where)
+        fp, description = fingerprint(scope.agents, scope.field, key, self.version)
+        started = datetime.now(UTC)
+        with transaction(con):
+            fp_id = fingerprint_id(con, fp, description)
+            table.ensure_done_table(con, key_type)
+            run_id = int(
+                con.sql(f"SELECT coalesce(max(run_id), 0) + 1 FROM {SCHEMA}.runs").fetchall()[0][0]
+            )
+            con.execute(
+                f"INSERT INTO {SCHEMA}.runs (run_id, table_name, fingerprint, key, status, "
+                "started_at) VALUES (?, ?, ?, ?, 'running', ?)",
+                [run_id, self.table, fp, key, started],
+            )
+        run = Run(scope.field, key, fp, fp_id, table, run_id, started)
+        run.checked_all = source is not None
+        if source is not None and source.num_rows:
+            run.resume = Resume.fetch(con, table, fp_id, source[key])
+        elif source is None:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {SEEN} (stream BIGINT, key {key_type})")
+            run.seen = set()
+        self._fingerprint = fp
+        return run
+
+    def record_failure(self, stream_num: int, batch: pa.Table, error: BaseException) -> None:
+        """Record a stream that failed after its retries; its keys stay not done."""
+        with self._lock:
+            run = self._run
+            key = run.key if run is not None else self.key
+            keys = None
+            if key in batch.column_names:
+                keys = len(pc.unique(batch[key].drop_null()))
+            try:
+                self._connection().execute(
+                    f"INSERT INTO {SCHEMA}.failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        None if run is None else run.run_id,
+                        self.table,
+                        "" if run is None else run.fingerprint,
+                        stream_num,
+                        batch.num_rows,
+                        keys,
+                        f"{type(error).__name__}: {error}",
+                        datetime.now(UTC),
+                    ],
+                )
+            except (duckdb.Error, ExecutionError) as exc:
+                logger.warning(
+                    "%s: could not record the failure of stream %s: %s", self, stream_num, exc
+                )
+
+    def end_run(self, stats: Mapping[str, Any], status: str) -> None:
+        """Record the run and its streams, then release the database (a file is closed)."""
+        with self._lock:
+            run, self._run = self._run, None
+            con = self._con
+            try:
+                if run is not None and run.run_id is not None and con is not None:
+                    record_run(con, run, stats, status)
+                if run is not None and run.seen is not None and con is not None:
+                    con.execute(f"DROP TABLE IF EXISTS {SEEN}")
+            except Exception as exc:
+                # Called from the executor's ``finally``: raising would hide the run's own error.
+                logger.warning("%s: could not record the run: %s", self, exc)
+            finally:
+                self._release()
+
+    # -- the state callables ---------------------------------------------------------------
+
+    def skip_if(self, batch: pa.Table, context: Mapping[str, Any]) -> pa.Array:
+        """``True`` for the rows of ``batch`` whose key is done under the scope's fingerprint."""
+        run = self._current(context, batch)
+        where = self._where(run.field, context)
+        keys = key_column(batch, run.key, where)
+        # Within a run, remember what this stream's upsert may skip; streams are numbered anew
+        # by each run, so outside one nothing is remembered.
+        stream = stream_number(context) if run.run_id is not None else None
+        if stream is not None:
+            run.fresh_streams.discard(stream)
+        if run.resume is not None:
+            start = run.resume.locate(keys)
+            if start is not None:
+                if stream is not None and not run.resume.stale and run.table.is_keyed_alone:
+                    run.fresh_streams.add(stream)
+                mask: pa.Array = run.resume.mask[start : start + len(keys)]
+                return mask
+        check_keys(keys, run.key, where)
+        if stream is not None:
+            run.checked.add(stream)
+        with self._lock:
+            con = self._connection()
+            if run.seen is not None:
+                check_seen(con, run, keys, context, where)
+            stored = run.table.stored_keys(con, keys)
+        mine = pc.equal(stored["fp"], run.fp_id)
+        only_mine = stored.num_rows == 0 or pc.all(mine).as_py()
+        if stream is not None and only_mine and run.table.is_keyed_alone:
+            run.fresh_streams.add(stream)
+        done = stored["key"].filter(mine).cast(keys.type)
+        return pc.is_in(keys, value_set=done).combine_chunks()
+
+    def load_existing(self, skipped: pa.Table, context: Mapping[str, Any]) -> pa.Table:
+        """The stored result rows of the ``skipped`` keys (those done; none for the others)."""
+        run = self._current(context, skipped)
+        keys = key_column(skipped, run.key, self._where(run.field, context))
+        piece = context.get(run.field) if run.field is not None else None
+        resume = run.resume
+        if resume is not None and isinstance(piece, pa.Table) and run.key in piece.column_names:
+            piece_keys = piece[run.key]
+            start = resume.locate(piece_keys)
+            if start is not None and resume.is_done_slice(start, piece_keys, keys):
+                rows = resume.stored_rows(start, len(piece_keys), run.table)
+                return rows if rows is not None else pa.table({run.key: keys.slice(0, 0)})
+        with self._lock:
+            return run.table.load(self._connection(), run.fp_id, keys)
+
+    def persist_each_stream(self, results: pa.Table, context: Mapping[str, Any]) -> None:
+        """Upsert ``results`` and mark the stream's processed input keys done, atomically.
+
+        The keys marked done are those of ``context[field]`` (the rows that went through the
+        agents), so keys the agents filtered out are remembered too; without that field, the
+        keys of ``results``.
+        """
+        if isinstance(results, pa.RecordBatch):
+            results = pa.Table.from_batches([results])
+        run = self._current(context, results)
+        inputs = context.get(run.field) if run.field is not None else None
+        if isinstance(inputs, pa.Table) and run.key in inputs.column_names:
+            keys = inputs[run.key]
+        else:
+            keys = key_column(results, run.key, self._where(run.field, context))
+        stream = stream_number(context) if run.run_id is not None else None
+        fresh = run.fresh and stream in run.fresh_streams
+        unique = run.checked_all or stream in run.checked
+        with self._lock:
+            con = self._connection()
+            if run.table.upsert(con, run.fp_id, results, keys, fresh=fresh, unique=unique):
+                # A row stored under a key outside the stream's input: a later stream may
+                # have that key, so its upsert must delete.
+                run.fresh = False
+
+    # -- reading what is stored ------------------------------------------------------------
+
+    def to_arrow(self) -> pa.Table:
+        """Every stored result row, ordered by key, with the types the agents produced."""
+        with self._reading() as (con, table):
+            return table.restore_types(table.read_all(con).read_all())
+
+    def to_parquet(self, path: str | os.PathLike[str]) -> int:
+        """Write every stored result row to a Parquet file, ordered by key; return the count.
+
+        Read it back with ``pl.read_parquet(path)``, ``pq.read_table(path)`` or
+        ``duckdb.sql("select * from 'path'")``.
+        """
+        import pyarrow.parquet as pq
+
+        rows = 0
+        with self._reading() as (con, table):
+            reader = table.read_all(con)
+            schema = table.restore_types(reader.schema.empty_table()).schema
+            with pq.ParquetWriter(os.fspath(path), schema) as writer:
+                for batch in reader:
+                    writer.write_table(table.restore_types(pa.Table.from_batches([batch])))
+                    rows += batch.num_rows
+        return rows
+
+    def runs(self) -> pa.Table:
+        """One row per run of this store's table: fingerprint, status, times and totals."""
+        return self._bookkeeping("runs", "run_id")
+
+    def failures(self) -> pa.Table:
+        """One row per failed stream of this store's table: run, stream, rows, keys, error."""
+        return self._bookkeeping("failures", "failed_at")
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _where(self, field: str | None, context: Mapping[str, Any] | None = None) -> str:
+        where = f"State table '{self.table}' ({self.path})"
+        if field is not None:
+            where += f", field '{field}'"
+        meta = context.get("_batch_metadata") if context is not None else None
+        if isinstance(meta, dict) and meta.get("batch_number") is not None:
+            where += f", stream {meta['batch_number']}"
+        return where
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            self._con = open_database(self.path)
+        return self._con
+
+    def _forget(self) -> None:
+        self._tables.clear()
+        self._loose.clear()
+
+    def _release(self) -> None:
+        """Close a file database so other processes can open it; keep ``:memory:`` open."""
+        if self.path == MEMORY or self._con is None:
+            return
+        self._forget()
+        con, self._con = self._con, None
+        con.close()
+
+    def _result_table(self, key: str) -> ResultTable:
+        table = self._tables.get(key)
+        if table is None:
+            table = ResultTable(self.table, key)
+            table.refresh(self._connection())
+            self._tables[key] = table
+        return table
+
+    def _key_type(
+        self, con: duckdb.DuckDBPyConnection, table: ResultTable, field: pa.Field, where: str
+    ) -> str:
+        """The DuckDB type of the input's key; ``ExecutionError`` if keys are stored as another."""
+        with registered(con, **{_KEY_TYPE_VIEW: pa.schema([field]).empty_table()}):
+            found = duck_types(con, _KEY_TYPE_VIEW)[field.name]
+        stored = table.stored_key_type()
+        if stored is not None and stored != found:
+            raise ExecutionError(
+                f"{where}: key column '{field.name}' is {field.type} ({found}) but table "
+                f"'{self.table}' stores its keys as {stored}. Cast the column to the stored type "
+                "before the scope, or give the store another table=."
+            )
+        return found
+
+    def _current(self, context: Mapping[str, Any], sample: pa.Table) -> Run:
+        """The run in progress, or — for callables used outside a run — one for the field."""
+        run = self._run
+        if run is not None:
+            return run
+        meta = context.get("_batch_metadata")
+        field = meta.get("array_field") if isinstance(meta, dict) else None
+        with self._lock:
+            loose = self._loose.get(field)
+            if loose is None:
+                con = self._connection()
+                table = self._result_table(self.key)
+                where = self._where(field, context)
+                key_column(sample, self.key, where)
+                key_type = self._key_type(con, table, sample.schema.field(self.key), where)
+                fp, description = fingerprint((), field, self.key, self.version)
+                with transaction(con):
+                    fp_id = fingerprint_id(con, fp, description)
+                    table.ensure_done_table(con, key_type)
+                loose = Run(field, self.key, fp, fp_id, table)
+                self._loose[field] = loose
+                self._fingerprint = fp
+            return loose
+
+    @contextmanager
+    def _reading(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, ResultTable]]:
+        """The connection and result table; a database opened for this is released after."""
+        with self._lock:
+            opened = self._con is None
+            try:
+                con = self._connection()
+                table = self._result_table(self._run.key if self._run else self.key)
+                if not table.exists:
+                    raise ExecutionError(
+                        f"State table '{self.table}' ({self.path}) holds no results yet: run "
+                        "the pipeline first."
+                    )
+                yield con, table
+            finally:
+                if opened:
+                    self._release()
+
+    def _bookkeeping(self, name: str, order: str) -> pa.Table:
+        with self._lock:
+            opened = self._con is None
+            try:
+                return (
+                    self._connection()
+                    .sql(
+                        f"SELECT * FROM {SCHEMA}.{name} WHERE table_name = ? ORDER BY {order}",
+                        params=[self.table],
+                    )
+                    .to_arrow_table()
+                )
+            finally:
+                if opened:
+                    self._release()
