@@ -44,6 +44,7 @@ __all__ = [
 
 DEFAULT_INPUT = Path("data/companies.parquet")
 DEFAULT_OUTPUT = Path("out/prospects.parquet")
+DEFAULT_STATE = Path("out/state.duckdb")
 STREAM_SIZE = 1_000
 MIN_EMPLOYEES = 10
 MAX_EMPLOYEES = 50_000
@@ -138,19 +139,27 @@ class ProspectPipeline(af.Pipeline):
     flow = CompanyDiscovery >> QuickFitAnalyzer >> DeepIntel >> Scoring
 
 
-def pipeline_for(stream_size: int | None = None) -> type[af.Pipeline]:
-    """The prospect pipeline, with QuickFitAnalyzer's stream size replaced when one is given."""
-    if stream_size is None or stream_size == STREAM_SIZE:
+def pipeline_for(
+    stream_size: int = STREAM_SIZE, state: af.DuckDBState | None = None
+) -> type[af.Pipeline]:
+    """The prospect pipeline, with QuickFitAnalyzer's stream size and state store replaced.
+
+    The derived analyser keeps one qualified name whatever the stream size, so the state
+    store's fingerprint, and the work it remembers, survive a change of stream size.
+    """
+    if stream_size == STREAM_SIZE and state is None:
         return ProspectPipeline
 
-    @af.intelligent_streaming(stream_size, over="companies", incremental=True, override=True)
-    class ResizedQuickFitAnalyzer(QuickFitAnalyzer):
+    @af.intelligent_streaming(
+        stream_size, over="companies", incremental=True, override=True, state=state
+    )
+    class ConfiguredQuickFitAnalyzer(QuickFitAnalyzer):
         pass
 
-    class ResizedProspectPipeline(ProspectPipeline):
-        flow = CompanyDiscovery >> ResizedQuickFitAnalyzer >> DeepIntel >> Scoring
+    class ConfiguredProspectPipeline(ProspectPipeline):
+        flow = CompanyDiscovery >> ConfiguredQuickFitAnalyzer >> DeepIntel >> Scoring
 
-    return ResizedProspectPipeline
+    return ConfiguredProspectPipeline
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,14 +177,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="%(default)s")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="%(default)s")
     parser.add_argument("--stream-size", type=int, default=STREAM_SIZE, help="%(default)s")
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=DEFAULT_STATE,
+        help="DuckDB file remembering the companies already analysed (%(default)s)",
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="forget the stored state and analyse everything"
+    )
     args = parser.parse_args(argv)
     if not args.input.is_file():
         parser.error(f"no such file: {args.input} (make one with: python data/generate.py)")
     if args.stream_size < 1:
         parser.error(f"--stream-size must be a positive integer, got {args.stream_size}")
 
+    args.state.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        args.state.unlink(missing_ok=True)
+    state = af.DuckDBState(args.state, table="quick_fit", key="id")
     started = time.perf_counter()
-    result = pipeline_for(args.stream_size)(input_path=str(args.input)).run()
+    try:
+        result = pipeline_for(args.stream_size, state)(input_path=str(args.input)).run()
+    except af.ArrowflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - started
     prospects: pa.Table = result["companies"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -189,9 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{stats['total_items']:,} companies in, {prospects.num_rows:,} prospects out "
         f"in {seconds:.3f}s ({pc.sum(streams['seconds']).as_py() or 0.0:.3f}s inside streams)"
     )
+    if stats["skipped_items"]:
+        print(
+            f"{stats['skipped_items']:,} companies were already analysed: their results came "
+            f"from {args.state} (--fresh to start over)"
+        )
     for row in prospects.select(["name", "industry", "country", "score"]).slice(0, 5).to_pylist():
         print(f"  {row['score']:5.1f}  {row['name']} ({row['industry']}, {row['country']})")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} and {args.state}")
     return 0
 
 
