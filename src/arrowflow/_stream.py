@@ -249,7 +249,7 @@ def _attempt(
     steps: _Steps, plan: StreamPlan, context: Fields, piece: pa.Table
 ) -> tuple[Fields, pa.Table, pa.Table, int, int]:
     field, callables = plan.field, plan.callables
-    todo, loaded = piece, None
+    todo, loaded, mask = piece, None, None
     if callables.skip_if is not None:
         steps.current = "skip_if"
         mask = _as_mask(callables.skip_if(piece, Context(context)), piece)
@@ -272,9 +272,10 @@ def _attempt(
             written.update(fields)
         processed = current[field]
     steps.current = "merge of loaded and processed rows"
-    results = processed if loaded is None else _combine(loaded, processed)
-    if callables.skip_if is not None and plan.key is not None:
-        results = _order_by_key(results, piece, plan.key)
+    if mask is not None and plan.key is not None:
+        results = _in_input_order(loaded, processed, piece, mask, plan.key)
+    else:
+        results = processed if loaded is None else _combine(loaded, processed)
     written[field] = results
     skipped_rows = piece.num_rows - todo.num_rows
     return written, todo, processed, skipped_rows, 0 if loaded is None else loaded.num_rows
@@ -320,16 +321,32 @@ def _combine(loaded: pa.Table, processed: pa.Table) -> pa.Table:
     return concat_in_order([(1, loaded), (2, processed)], processed.schema, "loaded + processed")
 
 
-def _order_by_key(results: pa.Table, piece: pa.Table, key: str) -> pa.Table:
-    """Rows in the input order of their keys; keys not in the input keep their order, last."""
+def _in_input_order(
+    loaded: pa.Table | None, processed: pa.Table, piece: pa.Table, mask: Any, key: str
+) -> pa.Table:
+    """Loaded and processed rows in the input order of their keys (DESIGN §5); rows whose key
+    is not in the input keep their order, last."""
+    results = processed if loaded is None else _combine(loaded, processed)
     if key not in results.column_names:
         raise ExecutionError(
             f"key column '{key}' is missing from the stream's results; keep it in the output "
             "of the scope's agents."
         )
-    positions = pc.index_in(results[key], value_set=piece[key])
-    order = pc.array_sort_indices(positions, null_placement="at_end")  # stable
-    return results.take(order)
+    keys = piece[key]
+    if results[key].equals(keys):
+        return results
+    if loaded is not None and results.num_rows == piece.num_rows:
+        # The usual resume: one loaded row per skipped row and one result per processed row,
+        # each side in input order. Interleave by position, without hashing keys or sorting.
+        skipped_at = pc.cast(pc.indices_nonzero(mask), pa.int64())
+        processed_at = pc.cast(pc.indices_nonzero(pc.invert(mask)), pa.int64())
+        if loaded[key].equals(keys.take(skipped_at)) and processed[key].equals(
+            keys.take(processed_at)
+        ):
+            positions = pa.concat_arrays([skipped_at, processed_at])
+            return results.take(pc.inverse_permutation(positions))
+    positions = pc.index_in(results[key], value_set=keys)
+    return results.take(pc.array_sort_indices(positions, null_placement="at_end"))  # stable
 
 
 def backoff_delay(base: float, attempt: int) -> float:

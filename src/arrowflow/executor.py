@@ -292,8 +292,14 @@ class _ScopeRun:
         self._hook("on_stream_error", num, total, error, Context(context))
         if self.plan.config.on_error == "raise" and self.failure is None:
             shown = f"{num}/{total}" if total is not None else str(num)
+            agent_names = {agent.name for agent in self.plan.agents}
+            where = (
+                f"Agent '{outcome.step}'"
+                if outcome.step in agent_names
+                else f"Scope of agent '{self.trigger.name}', {outcome.step}"
+            )
             failure = BatchExecutionError(
-                f"Agent '{outcome.step}', stream {shown}, field '{self.plan.field}': "
+                f"{where}, stream {shown}, field '{self.plan.field}': "
                 f"{type(error).__name__}: {error} (after {outcome.attempts} attempt(s)). "
                 "Completed streams are in .partial_results; use retries= or "
                 "on_error='continue' to go on past failing streams.",
