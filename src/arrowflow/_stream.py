@@ -249,14 +249,15 @@ def _attempt(
     steps: _Steps, plan: StreamPlan, context: Fields, piece: pa.Table
 ) -> tuple[Fields, pa.Table, pa.Table, int, int]:
     field, callables = plan.field, plan.callables
-    todo, loaded, mask = piece, None, None
+    todo, loaded, mask, skipped = piece, None, None, None
     if callables.skip_if is not None:
         steps.current = "skip_if"
         mask = _as_mask(callables.skip_if(piece, Context(context)), piece)
         todo = piece.filter(pc.invert(mask))
         if callables.load_existing is not None and todo.num_rows < piece.num_rows:
             steps.current = "load_existing"
-            loaded = to_table(callables.load_existing(piece.filter(mask), Context(context)))
+            skipped = piece.filter(mask)
+            loaded = to_table(callables.load_existing(skipped, Context(context)))
     written: Fields = {}
     processed = todo
     if todo.num_rows:
@@ -273,7 +274,7 @@ def _attempt(
         processed = current[field]
     steps.current = "merge of loaded and processed rows"
     if mask is not None and plan.key is not None:
-        results = _in_input_order(loaded, processed, piece, mask, plan.key)
+        results = _in_input_order(loaded, processed, piece, mask, skipped, todo, plan.key)
     else:
         results = processed if loaded is None else _combine(loaded, processed)
     written[field] = results
@@ -322,7 +323,13 @@ def _combine(loaded: pa.Table, processed: pa.Table) -> pa.Table:
 
 
 def _in_input_order(
-    loaded: pa.Table | None, processed: pa.Table, piece: pa.Table, mask: Any, key: str
+    loaded: pa.Table | None,
+    processed: pa.Table,
+    piece: pa.Table,
+    mask: Any,
+    skipped: pa.Table | None,
+    todo: pa.Table,
+    key: str,
 ) -> pa.Table:
     """Loaded and processed rows in the input order of their keys (DESIGN §5); rows whose key
     is not in the input keep their order, last."""
@@ -335,16 +342,23 @@ def _in_input_order(
     keys = piece[key]
     if results[key].equals(keys):
         return results
-    if loaded is not None and results.num_rows == piece.num_rows:
+    if (
+        loaded is not None
+        and skipped is not None
+        and key in loaded.column_names
+        and key in processed.column_names
+        and loaded[key].equals(skipped[key])
+        and processed[key].equals(todo[key])
+    ):
         # The usual resume: one loaded row per skipped row and one result per processed row,
         # each side in input order. Interleave by position, without hashing keys or sorting.
-        skipped_at = pc.cast(pc.indices_nonzero(mask), pa.int64())
-        processed_at = pc.cast(pc.indices_nonzero(pc.invert(mask)), pa.int64())
-        if loaded[key].equals(keys.take(skipped_at)) and processed[key].equals(
-            keys.take(processed_at)
-        ):
-            positions = pa.concat_arrays([skipped_at, processed_at])
-            return results.take(pc.inverse_permutation(positions))
+        positions = pa.concat_arrays(
+            [
+                pc.cast(pc.indices_nonzero(mask), pa.int64()),
+                pc.cast(pc.indices_nonzero(pc.invert(mask)), pa.int64()),
+            ]
+        )
+        return results.take(pc.inverse_permutation(positions))
     positions = pc.index_in(results[key], value_set=keys)
     return results.take(pc.array_sort_indices(positions, null_placement="at_end"))  # stable
 
