@@ -71,7 +71,10 @@ def invoke_agent(agent: Agent, context: Mapping[str, Any]) -> Fields:
     """
     chunks = type(agent)._chunks
     if chunks is None:
-        return _to_fields(agent, resolve(agent.call(Context(context))))
+        returned = agent.call(Context(context))
+        if type(returned) is dict:  # the usual answer, taken without the checks below
+            return returned
+        return _to_fields(agent, resolve(returned))
     field = chunks.over or _only_tabular_field(agent, context)
     if field not in context or not is_tabular(context[field], allow_records=True):
         found = describe(context[field]) if field in context else "nothing"

@@ -230,7 +230,7 @@ class _ScopeRun:
         or a stream still waiting for its turn to complete has already failed."""
         if self.failure is not None:
             return True
-        if self.plan.config.on_error != "raise" or len(in_flight) < 2:
+        if len(in_flight) < 2 or self.plan.config.on_error != "raise":
             return False
         return any(
             future.done() and future.result().fields is None
@@ -353,14 +353,25 @@ def _start(
 
 def _record(outcome: StreamOutcome, field: str) -> StreamRecord:
     fields, error = outcome.fields, outcome.error
+    if fields is not None:
+        return StreamRecord(
+            outcome.stream_num,
+            outcome.rows_in,
+            fields[field].num_rows,
+            outcome.skipped,
+            outcome.loaded,
+            outcome.seconds,
+            outcome.attempts,
+            "ok",
+        )
     return StreamRecord(
-        stream_num=outcome.stream_num,
-        rows_in=outcome.rows_in,
-        rows_out=0 if fields is None else fields[field].num_rows,
-        skipped=outcome.skipped if fields is not None else 0,
-        loaded=outcome.loaded if fields is not None else 0,
-        seconds=outcome.seconds,
-        attempts=outcome.attempts,
-        status="ok" if fields is not None else "failed",
-        error=None if error is None else f"{type(error).__name__}: {error}",
+        outcome.stream_num,
+        outcome.rows_in,
+        0,
+        0,
+        0,
+        outcome.seconds,
+        outcome.attempts,
+        "failed",
+        f"{type(error).__name__}: {error}",
     )

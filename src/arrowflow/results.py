@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from arrowflow._tabular import is_tabular, to_table
 from arrowflow.exceptions import ExecutionError
@@ -17,10 +16,9 @@ if TYPE_CHECKING:
 __all__ = ["PipelineResult", "StreamResult"]
 
 
-@dataclass(frozen=True, slots=True)
-class StreamResult:
+class StreamResult(NamedTuple):
     """One stream delivered by ``stream()``: its number, the total (``None`` while unknown)
-    and its rows as a ``pa.Table``."""
+    and its rows as a ``pa.Table``. A named tuple: ``for num, total, rows in flow.stream()``."""
 
     stream_num: int
     total: int | None
