@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 ROWS = int(os.environ.get("ARROWFLOW_BENCH_ROWS", "10000000"))
-ROUNDS = int(os.environ.get("ARROWFLOW_BENCH_ROUNDS", "10"))
+ROUNDS = int(os.environ.get("ARROWFLOW_BENCH_ROUNDS", "20"))
 SEED = 20240601
 
 # Goal figures: reported beside the measurements, never asserted (timings are not tests).
