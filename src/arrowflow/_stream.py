@@ -318,7 +318,7 @@ def _as_mask(mask: Any, piece: pa.Table) -> Any:
             f"skip_if must return a boolean mask of {piece.num_rows} values, got "
             f"{len(array)} values of type {array.type}."
         )
-    return pc.fill_null(array, pa.scalar(False))
+    return pc.fill_null(array, pa.scalar(False)) if array.null_count else array
 
 
 def _combine(loaded: pa.Table, processed: pa.Table) -> pa.Table:
