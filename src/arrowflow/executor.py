@@ -28,7 +28,7 @@ from arrowflow._stream import (
     persist_stream,
     run_stream,
 )
-from arrowflow.agent import agent_class
+from arrowflow.agent import Agent, agent_class
 from arrowflow.context import Context
 from arrowflow.exceptions import BatchExecutionError, ConfigurationError, ExecutionError
 from arrowflow.hooks import call_hook
@@ -139,7 +139,7 @@ class _ScopeRun:
         trigger = agents[0]
         config = agent_class(trigger)._streaming or StreamingConfig(stream_size=size)
         field = scope.detect_array_field(context)
-        source = scope.get_source(context)
+        source = scope.get_source(context, field)
         key = config.key or getattr(config.state, "key", None)
         if key is not None and key not in source.schema.names:
             raise ExecutionError(
@@ -163,10 +163,8 @@ class _ScopeRun:
         self.failure: BatchExecutionError | None = None
         executor.accumulated_results = []
 
-    def _scope_info(self, agents: list[Any], schema: Any) -> ScopeInfo:
-        names = tuple(
-            f"{agent_class(agent).__module__}.{agent_class(agent).__qualname__}" for agent in agents
-        )
+    def _scope_info(self, agents: list[Agent], schema: pa.Schema) -> ScopeInfo:
+        names = tuple(f"{type(agent).__module__}.{type(agent).__qualname__}" for agent in agents)
         return ScopeInfo(names, self.plan.field, self.plan.key, schema, self.trigger.name)
 
     def _call_state(self, method: str, *args: Any) -> None:

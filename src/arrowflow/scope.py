@@ -112,9 +112,12 @@ class BatchingScope:
             f"({', '.join(candidates)}); choose one with over='{candidates[0]}'."
         )
 
-    def get_source(self, context: Mapping[str, Any]) -> pa.Table | pa.RecordBatchReader:
-        """The streamed field as a table, or a reader left lazy; ``ExecutionError`` if absent."""
-        field = self.detect_array_field(context)
+    def get_source(
+        self, context: Mapping[str, Any], field: str | None = None
+    ) -> pa.Table | pa.RecordBatchReader:
+        """The streamed field (``field``, else detected) as a table, or a reader left lazy;
+        ``ExecutionError`` if absent or not tabular."""
+        field = field or self.detect_array_field(context)
         if field not in context:
             fields = ", ".join(context) or "none"
             raise ExecutionError(
