@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -544,3 +545,107 @@ class TestFunctionalAgent:
 
         assert isinstance(add().call({"a": 1, "b": 2}), Mapping)
         assert dict(add().call({"a": 1, "b": 2})) == {"c": 3}
+
+
+# --------------------------------------------------------------------------- option signatures
+
+OPTION_DEFAULTS = {
+    "state": None,
+    "key": None,
+    "skip_if": None,
+    "load_existing": None,
+    "persist_each_stream": None,
+    "on_stream_start": None,
+    "on_stream_complete": None,
+    "on_stream_error": None,
+    "max_concurrency": 1,
+    "retries": 0,
+    "retry_on": (Exception,),
+    "backoff": 1.0,
+    "timeout": None,
+    "on_error": "raise",
+    "on_batch_start": None,
+    "on_batch_complete": None,
+    "on_batch_error": None,
+    "persist_each_batch": None,
+}
+DECLARATIONS = {
+    "Agent.intelligent_streaming": lambda cls, **kw: cls.intelligent_streaming(10, **kw),
+    "Agent.intelligent_batching": lambda cls, **kw: cls.intelligent_batching(10, **kw),
+    "Agent.triggers_batching": lambda cls, **kw: cls.triggers_batching(10, **kw),
+    "af.intelligent_streaming": lambda cls, **kw: af.intelligent_streaming(10, **kw)(cls),
+    "af.intelligent_batching": lambda cls, **kw: af.intelligent_batching(10, **kw)(cls),
+    "af.triggers_batching": lambda cls, **kw: af.triggers_batching(10, **kw)(cls),
+}
+DECLARATION_FUNCTIONS = {
+    "Agent.intelligent_streaming": af.Agent.intelligent_streaming,
+    "Agent.intelligent_batching": af.Agent.intelligent_batching,
+    "Agent.triggers_batching": af.Agent.triggers_batching,
+    "af.intelligent_streaming": af.intelligent_streaming,
+    "af.intelligent_batching": af.intelligent_batching,
+    "af.triggers_batching": af.triggers_batching,
+}
+
+
+class TestOptionSignatures:
+    @pytest.mark.parametrize("name", DECLARATION_FUNCTIONS)
+    def test_every_option_is_keyword_only_with_its_default(self, name: str) -> None:
+        parameters = inspect.signature(DECLARATION_FUNCTIONS[name]).parameters
+        options = {
+            option: parameter.default
+            for option, parameter in parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and option != "override"
+        }
+        assert options == OPTION_DEFAULTS
+        assert parameters["override"].default is False
+
+    def test_options_match_what_the_configuration_validates(self) -> None:
+        from arrowflow._config import HOOK_ALIASES, StreamingConfig, StreamingOptions
+
+        declared = set(StreamingConfig.model_fields) - {"stream_size", "over", "incremental"}
+        assert set(StreamingOptions.__annotations__) == declared | set(HOOK_ALIASES)
+        assert set(OPTION_DEFAULTS) == set(StreamingOptions.__annotations__)
+
+    def test_every_option_is_documented_with_its_default(self) -> None:
+        doc = inspect.getdoc(af.Agent.intelligent_streaming) or ""
+        assert "DESIGN" not in doc
+        entries: dict[str, str] = {}
+        name = ""
+        for line in doc.split("Args:", 1)[1].split("Returns:", 1)[0].strip("\n").splitlines():
+            if line[4:5].isalpha():
+                name = line.split(":", 1)[0].strip()
+            entries[name] = entries.get(name, "") + line
+        aliases = {
+            "on_batch_start": "on_stream_start",
+            "on_batch_complete": "on_stream_complete",
+            "on_batch_error": "on_stream_error",
+            "persist_each_batch": "persist_each_stream",
+        }
+        for option in set(OPTION_DEFAULTS) - set(aliases):
+            assert "default" in entries[option].lower(), option
+        for alias, target in aliases.items():
+            assert alias in entries[target]
+        assert {"stream_size", "over", "incremental", "override"} <= set(entries)
+
+    @pytest.mark.parametrize("name", DECLARATIONS)
+    def test_unknown_option_is_a_configuration_error_with_a_hint(self, name: str) -> None:
+        agent = _plain("QuickFit")
+        with pytest.raises(af.ConfigurationError) as exc_info:
+            DECLARATIONS[name](agent, max_concurency=4)
+        message = str(exc_info.value)
+        assert "Agent 'QuickFit'" in message
+        assert "Unknown option 'max_concurency'" in message
+        assert "Did you mean 'max_concurrency'?" in message
+        assert not agent.is_batching_trigger()
+
+    @pytest.mark.parametrize("name", DECLARATIONS)
+    def test_options_are_accepted_by_every_form(self, name: str) -> None:
+        agent = _plain("QuickFit")
+        DECLARATIONS[name](agent, max_concurrency=3, on_batch_complete=_hook, retry_on=KeyError)
+        config = agent._streaming
+        assert config is not None
+        assert (config.max_concurrency, config.on_stream_complete, config.retry_on) == (
+            3,
+            _hook,
+            (KeyError,),
+        )

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import arrowflow as af
+from arrowflow import _retry
 
 WAIT = 10.0  # seconds any test waits for another stream before declaring a deadlock
 BLOCK = 30.0  # seconds an abandoned attempt blocks; the run must end long before
@@ -648,8 +649,8 @@ def test_timeout_not_reached_keeps_every_result(make_companies, passthrough) -> 
     assert result.stats[0]["streams"]["attempts"].to_pylist() == [1] * 6
 
 
-def test_timeout_of_an_async_agent(make_companies, passthrough) -> None:
-    release = asyncio.Event()
+def test_timeout_of_an_async_agent_cancels_the_coroutine(make_companies, passthrough) -> None:
+    cancelled = threading.Event()
     loops: list[asyncio.AbstractEventLoop] = []
 
     @_streaming(5, max_concurrency=3, timeout=0.2, on_error="continue")
@@ -657,21 +658,22 @@ def test_timeout_of_an_async_agent(make_companies, passthrough) -> None:
         async def call(self, context: Any) -> None:
             if _stream_num(context) == 2:
                 loops.append(asyncio.get_running_loop())
-                async with asyncio.timeout(BLOCK):
-                    await release.wait()
+                try:
+                    await asyncio.Event().wait()  # never set: only cancellation ends it
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
 
     started = time.monotonic()
-    try:
-        result = (Work >> passthrough).run(companies=make_companies(20))
-        elapsed = time.monotonic() - started
-    finally:
-        for loop in loops:
-            loop.call_soon_threadsafe(release.set)
+    result = (Work >> passthrough).run(companies=make_companies(20))
+    elapsed = time.monotonic() - started
 
     assert elapsed < BLOCK / 6
+    assert cancelled.wait(WAIT), "the timed-out coroutine was never cancelled"
     streams = result.stats[0]["streams"]
     assert streams["status"].to_pylist() == ["ok", "failed", "ok", "ok"]
     assert streams["error"][1].as_py().startswith("TimeoutError")
+    assert loops[0].is_closed()  # the run's own loop, closed when the run ended
 
 
 # --------------------------------------------------------------------------- retries
@@ -732,9 +734,21 @@ def test_flaky_agent_finishes_every_stream(make_companies, passthrough, limit: i
     assert [calls[k] for k in range(1, streams + 1)] == expected_attempts
 
 
-def test_backoff_is_exponential_with_jitter(make_companies, passthrough, monkeypatch) -> None:
+def _record_backoff(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The backoff delays the run computes, in order; the run then retries without waiting."""
     delays: list[float] = []
-    monkeypatch.setattr(time, "sleep", delays.append)
+    computed = _retry.backoff_delay
+
+    def record(base: float, attempt: int) -> float:
+        delays.append(computed(base, attempt))
+        return 0.0
+
+    monkeypatch.setattr(_retry, "backoff_delay", record)
+    return delays
+
+
+def test_backoff_is_exponential_with_jitter(make_companies, passthrough, monkeypatch) -> None:
+    delays = _record_backoff(monkeypatch)
     calls: dict[int, int] = {}
 
     @_streaming(5, retries=3, backoff=0.1)
@@ -756,8 +770,7 @@ def test_backoff_is_exponential_with_jitter(make_companies, passthrough, monkeyp
 
 
 def test_backoff_zero_retries_at_once(make_companies, passthrough, monkeypatch) -> None:
-    delays: list[float] = []
-    monkeypatch.setattr(time, "sleep", delays.append)
+    delays = _record_backoff(monkeypatch)
     calls: list[int] = []
 
     @_streaming(5, retries=2, backoff=0, max_concurrency=2)

@@ -782,3 +782,36 @@ class TestPipelineBatchExecutor:
             executor.execute_in_batches({"companies": make_companies(25)})
         assert exc_info.value.batch_number == 2
         assert exc_info.value.partial_results["companies"]["id"].to_pylist() == [0, 2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_stuck_attempt_times_out_close_to_the_configured_timeout(
+    make_companies: Any, retries: int
+) -> None:
+    # Imported here: this test is appended to a module others edit, leaving its imports alone.
+    import threading
+    import time
+
+    timeout = 0.5
+    never = threading.Event()
+
+    @af.intelligent_streaming(5, over="companies", timeout=timeout, retries=retries, backoff=0)
+    class Stuck(af.Agent):
+        def call(self, context: Any) -> None:
+            if context["_batch_metadata"]["batch_number"] == 2:
+                never.wait(60)  # a generous bound: the event is set when the test ends
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(af.BatchExecutionError) as info:
+            af.Flow(Stuck).run(companies=make_companies(15))
+        elapsed = time.monotonic() - started
+    finally:
+        never.set()
+
+    assert info.value.batch_number == 2
+    assert type(info.value.original_error) is TimeoutError
+    attempts = retries + 1
+    assert elapsed >= attempts * timeout, "an attempt was abandoned before its timeout"
+    # Far from the 10 x timeout per attempt a wrong unit or a lost timeout would take.
+    assert elapsed < attempts * timeout + 2.0

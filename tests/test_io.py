@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import select
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import arrowflow as af
+from arrowflow._row_counts import carry_num_rows, known_num_rows
+from arrowflow._slicing import StreamCutter
+from arrowflow.io import as_sink
 
 
 def _evens(table: pa.Table) -> pa.Table:
@@ -201,13 +208,22 @@ def test_parquet_sink_conforms_a_stream_with_reordered_columns(tmp_path, make_co
     assert sink.read_back(table.schema).read_all().equals(table)
 
 
-def test_parquet_sink_with_nothing_written_has_the_schema(tmp_path, make_companies) -> None:
+@pytest.mark.parametrize("read_first", [True, False], ids=["read, close", "close, read"])
+def test_parquet_sink_with_nothing_written_has_the_schema(
+    tmp_path, make_companies, read_first: bool
+) -> None:
     schema = make_companies(0).schema
     sink = af.ParquetSink(tmp_path / "out.parquet")
-    reader = sink.read_back(schema)
+    if read_first:
+        reader = sink.read_back(schema)
+        sink.close()
+    else:
+        sink.close()
+        reader = sink.read_back(schema)
     assert reader.schema == schema
     assert reader.read_all().num_rows == 0
     assert pq.read_schema(tmp_path / "out.parquet") == schema
+    assert not sink.partial_path.exists()
 
 
 # --------------------------------------------------------------------------- run(sink=...)
@@ -337,7 +353,9 @@ def test_sink_on_failure_keeps_completed_streams(tmp_path, make_companies) -> No
     with pytest.raises(af.BatchExecutionError) as exc_info:
         af.Flow(FailThird).run(companies=table, sink=path)
     assert _read_all(exc_info.value.partial_results["companies"]).equals(table.slice(0, 10))
-    assert pq.read_table(path).equals(table.slice(0, 10))
+    # Kept, but never under the name of a complete output.
+    assert not path.exists()
+    assert pq.read_table(tmp_path / "out.parquet.partial").equals(table.slice(0, 10))
 
 
 @pytest.mark.parametrize("bad", [123, 4.5, ["out.parquet"], object()])
@@ -383,3 +401,368 @@ def test_to_parquet_field_choice(tmp_path, make_companies) -> None:
         result.to_parquet(tmp_path / "ambiguous.parquet")
     result.to_parquet(tmp_path / "other.parquet", field="other")
     assert af.read_parquet(tmp_path / "other.parquet").equals(make_companies(2))
+
+
+# --------------------------------------------------------------------------- known row counts
+
+
+def _corrupt_data_pages(path: Path) -> None:
+    """Overwrite every byte between the leading magic and the footer: only the footer is left."""
+    data = bytearray(path.read_bytes())
+    footer_length = int.from_bytes(data[-8:-4], "little")
+    data_end = len(data) - 8 - footer_length
+    data[4:data_end] = b"\xff" * (data_end - 4)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_scan_parquet_knows_its_row_count_before_reading(
+    tmp_path, make_companies, layout: str
+) -> None:
+    table = make_companies(47)
+    if layout == "file":
+        path = tmp_path / "companies.parquet"
+        pq.write_table(table, path, row_group_size=7)
+    else:
+        path = tmp_path / "companies"
+        _write_parts(path, table, parts=4)
+    reader = af.scan_parquet(path, columns=["id"], batch_size=10)
+    assert known_num_rows(reader) == 47
+    assert StreamCutter(reader, 5).total == 10
+    first = reader.read_next_batch()
+    assert known_num_rows(reader) == 47 - first.num_rows
+
+
+def test_scan_parquet_reads_only_the_footers(tmp_path, make_companies) -> None:
+    """The data pages are garbage: the count and the total still come out right, so the scan
+    never read them."""
+    path = tmp_path / "companies.parquet"
+    pq.write_table(make_companies(1000), path, row_group_size=100, compression="none")
+    _corrupt_data_pages(path)
+
+    reader = af.scan_parquet(path)
+    assert known_num_rows(reader) == 1000
+    assert StreamCutter(reader, 300).total == 4
+    with pytest.raises((OSError, pa.ArrowException)):
+        reader.read_next_batch()
+
+
+def _recording_flow(
+    size: int, seen: list[tuple[str, int, int | None]], max_concurrency: int = 1
+) -> af.Flow:
+    """Records ``(where, stream, total)`` from ``on_stream_start`` and ``_batch_metadata``."""
+
+    @af.intelligent_streaming(
+        size,
+        over="companies",
+        max_concurrency=max_concurrency,
+        on_stream_start=lambda k, total, context: seen.append(("hook", k, total)),
+    )
+    class Record(af.Agent):
+        def call(self, context: Any) -> None:
+            meta = context["_batch_metadata"]
+            seen.append(("agent", meta["batch_number"], meta["total_batches"]))
+
+    return af.Flow(Record)
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_scanned_input_has_its_total_from_the_first_stream(
+    tmp_path, make_companies, layout: str, limit: int
+) -> None:
+    table = make_companies(47)
+    if layout == "file":
+        path = tmp_path / "companies.parquet"
+        pq.write_table(table, path, row_group_size=7)
+    else:
+        path = tmp_path / "companies"
+        _write_parts(path, table, parts=4)
+    seen: list[tuple[str, int, int | None]] = []
+    flow = _recording_flow(5, seen, max_concurrency=limit)
+
+    result = flow.run(companies=af.scan_parquet(path, batch_size=8))
+
+    assert ("hook", 1, 10) in seen
+    assert ("agent", 1, 10) in seen
+    expected = [(where, k, 10) for where in ("agent", "hook") for k in range(1, 11)]
+    assert sorted(seen) == sorted(expected)
+    assert result.stats[0]["total_batches"] == 10
+
+
+def test_progress_bar_has_the_total_of_a_scan_from_the_start(
+    tmp_path, make_companies, monkeypatch
+) -> None:
+    import arrowflow.progress
+
+    totals: list[tuple[str, int | None]] = []
+
+    class Bar:
+        def __init__(self, description: str, total: int | None) -> None:
+            totals.append(("open", total))
+
+        def update(self, record: Any, total: int | None) -> None:
+            totals.append(("update", total))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(arrowflow.progress, "ProgressBar", Bar)
+    pq.write_table(make_companies(23), tmp_path / "companies.parquet", row_group_size=4)
+    seen: list[tuple[str, int, int | None]] = []
+    _recording_flow(5, seen).run(
+        companies=af.scan_parquet(tmp_path / "companies.parquet"), progress=True
+    )
+    assert totals == [("open", 5)] + [("update", 5)] * 5
+
+
+@pytest.mark.parametrize(
+    ("rows_then", "rows_now", "totals"),
+    [
+        pytest.param(20, 32, [4, 4, 4, None, None, None, 7], id="more rows"),
+        pytest.param(20, 12, [4, 4, 3], id="fewer rows"),
+        pytest.param(0, 7, [None, 2], id="was empty"),
+        pytest.param(9, 0, [], id="now empty"),
+    ],
+)
+def test_a_file_changed_after_the_scan_corrects_the_total(
+    tmp_path, make_companies, rows_then: int, rows_now: int, totals: list[int | None]
+) -> None:
+    """The footer's count is announced; once more rows than that arrive, ``total`` is unknown
+    (never smaller than a stream's number), and it is the true count once the end is in sight."""
+    path = tmp_path / "companies.parquet"
+    pq.write_table(make_companies(rows_then), path)
+    reader = af.scan_parquet(path, batch_size=3)
+    pq.write_table(make_companies(rows_now), path)
+    seen: list[tuple[str, int, int | None]] = []
+
+    result = _recording_flow(5, seen).run(companies=reader)
+
+    assert [total for where, _, total in seen if where == "agent"] == totals
+    assert result.stats[0]["total_batches"] == len(totals)
+
+
+def test_a_partly_read_scan_announces_what_is_left(tmp_path, make_companies) -> None:
+    table = make_companies(40)
+    pq.write_table(table, tmp_path / "companies.parquet")
+    reader = af.scan_parquet(tmp_path / "companies.parquet", batch_size=10)
+    reader.read_next_batch()
+    seen: list[tuple[str, int, int | None]] = []
+    result = _recording_flow(5, seen).run(companies=reader)
+    assert [total for where, _, total in seen if where == "agent"] == [6] * 6
+    assert result.stats[0]["total_batches"] == 6
+
+
+def test_a_wrapping_reader_carries_the_row_count(tmp_path, make_companies) -> None:
+    """What code that wraps a reader (converting its batches) does to keep the count."""
+    pq.write_table(make_companies(30), tmp_path / "companies.parquet")
+    source = af.scan_parquet(tmp_path / "companies.parquet", batch_size=10)
+    plain = pa.RecordBatchReader.from_batches(source.schema, source)
+    assert known_num_rows(plain) is None
+    wrapper = pa.RecordBatchReader.from_batches(source.schema, iter(source))
+    carry_num_rows(source, wrapper)
+    assert known_num_rows(wrapper) == 30
+    wrapper.read_next_batch()
+    assert known_num_rows(wrapper) == known_num_rows(source) == 20
+    assert StreamCutter(wrapper, 5).total == 4
+
+
+# --------------------------------------------------------------------------- ParquetSink outcome
+
+
+def _sink_with_rows(path: Path, table: pa.Table) -> af.ParquetSink:
+    sink = af.ParquetSink(path)
+    for offset in range(0, table.num_rows, 7):
+        sink.write(table.slice(offset, 7))
+    return sink
+
+
+def test_parquet_sink_writes_a_partial_file_and_publishes_it_on_close(
+    tmp_path, make_companies
+) -> None:
+    table = make_companies(30)
+    path = tmp_path / "out.parquet"
+    sink = _sink_with_rows(path, table)
+    assert sink.partial_path == tmp_path / "out.parquet.partial"
+    assert sink.partial_path.exists()
+    assert not path.exists()
+
+    sink.close()
+
+    assert pq.read_table(path).equals(table)
+    assert not sink.partial_path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
+    sink.close()
+    sink.abort()
+    assert pq.read_table(path).equals(table)
+    assert sink.read_back(table.schema).read_all().equals(table)
+
+
+def test_parquet_sink_abort_keeps_only_a_readable_partial_file(tmp_path, make_companies) -> None:
+    table = make_companies(30)
+    path = tmp_path / "out.parquet"
+    sink = _sink_with_rows(path, table)
+
+    sink.abort()
+
+    assert not path.exists()
+    assert pq.read_table(sink.partial_path).equals(table)
+    assert sink.read_back(table.schema).read_all().equals(table)
+    sink.abort()
+    sink.close()
+    assert not path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet.partial"]
+    with pytest.raises(af.ExecutionError, match="aborted"):
+        sink.write(table)
+
+
+def test_parquet_sink_abort_leaves_a_previous_file_untouched(tmp_path, make_companies) -> None:
+    path = tmp_path / "out.parquet"
+    pq.write_table(make_companies(5), path)
+    before = path.read_bytes()
+    sink = _sink_with_rows(path, make_companies(30))
+    sink.abort()
+    assert path.read_bytes() == before
+    assert pq.read_table(sink.partial_path).equals(make_companies(30))
+
+
+def test_parquet_sink_read_back_before_the_outcome_follows_the_file(
+    tmp_path, make_companies
+) -> None:
+    """read_back does not decide where the file ends up: its reader finds it there."""
+    table = make_companies(30)
+    closed = _sink_with_rows(tmp_path / "closed.parquet", table)
+    aborted = _sink_with_rows(tmp_path / "aborted.parquet", table)
+    from_closed, from_aborted = closed.read_back(table.schema), aborted.read_back(table.schema)
+    assert known_num_rows(from_closed) == 30
+    closed.close()
+    aborted.abort()
+    assert from_closed.read_all().equals(table)
+    assert from_aborted.read_all().equals(table)
+    assert (tmp_path / "closed.parquet").exists()
+    assert not (tmp_path / "aborted.parquet").exists()
+
+
+@pytest.mark.parametrize("rows", [30, 0], ids=["written", "nothing written"])
+def test_parquet_sink_close_replaces_a_stale_partial_file(
+    tmp_path, make_companies, rows: int
+) -> None:
+    path = tmp_path / "out.parquet"
+    stale = tmp_path / "out.parquet.partial"
+    stale.write_text("left by a run killed earlier")
+    sink = _sink_with_rows(path, make_companies(rows))
+    sink.close()
+    assert not stale.exists()
+    if rows:
+        assert pq.read_table(path).equals(make_companies(rows))
+
+
+def test_parquet_sink_that_failed_to_write_is_not_published(
+    tmp_path, make_companies, monkeypatch
+) -> None:
+    table = make_companies(20)
+    path = tmp_path / "out.parquet"
+    write_table = pq.ParquetWriter.write_table
+    calls: list[int] = []
+
+    def fail_second(writer: pq.ParquetWriter, piece: pa.Table, *args: Any, **kw: Any) -> None:
+        calls.append(piece.num_rows)
+        if len(calls) > 1:
+            raise OSError("disk full")
+        write_table(writer, piece, *args, **kw)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", fail_second)
+    sink = af.ParquetSink(path)
+    sink.write(table.slice(0, 10))
+    sink.write(table.slice(10))
+    with pytest.raises(af.ExecutionError, match="disk full"):
+        sink.close()
+    assert not path.exists()
+    assert pq.read_table(sink.partial_path).equals(table.slice(0, 10))
+    sink.abort()
+    sink.close()
+    assert not path.exists()
+
+
+_KILLED_RUN = """
+import sys
+
+import pyarrow as pa
+
+import arrowflow as af
+
+
+@af.intelligent_streaming(10, over="rows")
+class Work(af.Agent):
+    def call(self, context):
+        if context["_batch_metadata"]["batch_number"] == 3:
+            print("two streams written", flush=True)
+            sys.stdin.read()  # until killed
+
+
+af.Flow(Work).run(rows=pa.table({"id": range(50)}), sink=sys.argv[1])
+"""
+
+
+def test_a_killed_run_leaves_no_complete_looking_output(tmp_path) -> None:
+    script = tmp_path / "killed_run.py"
+    script.write_text(_KILLED_RUN)
+    path = tmp_path / "out.parquet"
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        assert ready, "the run did not reach its third stream within a minute"
+        line = process.stdout.readline()
+        assert line == "two streams written\n", process.stderr.read() if process.stderr else ""
+        process.kill()
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert not path.exists()
+    assert (tmp_path / "out.parquet.partial").exists()
+
+
+def test_a_sink_without_abort_is_closed_when_the_run_fails(make_companies) -> None:
+    """Sinks written before abort existed keep working: they are closed whatever happens."""
+
+    class OldSink:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def write(self, table: pa.Table) -> None:
+            self.events.append(f"write {table.num_rows}")
+
+        def close(self) -> None:
+            self.events.append("close")
+
+        def read_back(self, schema: pa.Schema) -> pa.RecordBatchReader:
+            return pa.RecordBatchReader.from_batches(schema, [])
+
+    @af.intelligent_streaming(5, over="companies")
+    class FailSecond(af.Agent):
+        def call(self, context: Any) -> None:
+            if context["_batch_metadata"]["batch_number"] == 2:
+                raise RuntimeError("boom")
+
+    old = OldSink()
+    sink = as_sink(old)
+    assert isinstance(sink, af.io.Sink)
+    sink.abort()
+    assert old.events == ["close"]
+    old.events.clear()
+    with pytest.raises(af.BatchExecutionError):
+        af.Flow(FailSecond).run(companies=make_companies(15), sink=old)
+    assert old.events[0] == "write 5"
+    assert "close" in old.events

@@ -64,3 +64,39 @@ def test_import_does_not_load_optional_libraries() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert completed.stdout.strip() == ""
+
+
+def _public_docstrings() -> dict[str, str]:
+    """Docstrings of the public modules, their public classes and functions, and members."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    docs: dict[str, str] = {}
+    modules = [af] + [
+        importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(af.__path__, prefix="arrowflow.")
+        if not any(part.startswith("_") for part in info.name.split("."))
+    ]
+    for module in modules:
+        docs[module.__name__] = module.__doc__ or ""
+        for name, value in vars(module).items():
+            if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+                continue
+            if inspect.isclass(value):
+                for member_name, member in vars(value).items():
+                    function = getattr(member, "__func__", getattr(member, "fget", member))
+                    public = not member_name.startswith("_") or member_name == "__init__"
+                    if public and inspect.isfunction(function):
+                        docs[f"{module.__name__}.{name}.{member_name}"] = function.__doc__ or ""
+            if inspect.isclass(value) or inspect.isfunction(value):
+                docs[f"{module.__name__}.{name}"] = value.__doc__ or ""
+    return docs
+
+
+def test_public_docstrings_stand_alone() -> None:
+    """DESIGN.md does not ship with the package, so no docstring may send readers to it."""
+    docs = _public_docstrings()
+    assert "arrowflow.flow.Flow.run" in docs
+    assert "arrowflow.state.duckdb.DuckDBState" in docs
+    assert sorted(name for name, doc in docs.items() if "DESIGN §" in doc) == []

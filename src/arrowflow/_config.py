@@ -8,20 +8,27 @@ re-raised as a :class:`~arrowflow.ConfigurationError` naming the agent.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from pydantic import ValidationError as _PydanticValidationError
 
 from arrowflow.exceptions import ConfigurationError
 
+if TYPE_CHECKING:
+    from arrowflow.state.base import StateStore
+
 __all__ = [
     "HOOK_ALIASES",
     "HOOK_NAMES",
     "STATE_CALLABLE_NAMES",
+    "STREAMING_KEYWORDS",
     "ChunkConfig",
     "StreamingConfig",
+    "StreamingOptions",
     "build",
+    "is_misspelling",
+    "option_default",
 ]
 
 HOOK_NAMES = ("on_stream_start", "on_stream_complete", "on_stream_error")
@@ -64,6 +71,33 @@ class StreamingConfig(_Frozen):
     timeout: float | None = Field(default=None, gt=0)
 
 
+class StreamingOptions(TypedDict, total=False):
+    """The keyword options of ``intelligent_streaming`` and its seed aliases, for type checkers.
+
+    ``Agent.intelligent_streaming`` documents them; :class:`StreamingConfig` validates them and
+    holds their defaults. Seed aliases come last, as in the signatures that ``help()`` shows.
+    """
+
+    state: StateStore | None
+    key: str | None
+    skip_if: Callable[..., Any] | None
+    load_existing: Callable[..., Any] | None
+    persist_each_stream: Callable[..., Any] | None
+    on_stream_start: Callable[..., Any] | None
+    on_stream_complete: Callable[..., Any] | None
+    on_stream_error: Callable[..., Any] | None
+    max_concurrency: int
+    retries: int
+    retry_on: type[BaseException] | tuple[type[BaseException], ...]
+    backoff: float
+    timeout: float | None
+    on_error: Literal["raise", "continue"]
+    on_batch_start: Callable[..., Any] | None
+    on_batch_complete: Callable[..., Any] | None
+    on_batch_error: Callable[..., Any] | None
+    persist_each_batch: Callable[..., Any] | None
+
+
 class ChunkConfig(_Frozen):
     """What ``in_chunks_of`` declared on an agent class."""
 
@@ -71,7 +105,38 @@ class ChunkConfig(_Frozen):
     over: StrictStr | None = None
 
 
-_OPTION_NAMES = frozenset(StreamingConfig.model_fields) - {"stream_size", "over", "incremental"}
+_OPTION_NAMES = tuple(StreamingOptions.__annotations__)
+#: Every keyword ``intelligent_streaming`` accepts, seed aliases included.
+STREAMING_KEYWORDS = frozenset(StreamingConfig.model_fields) | HOOK_ALIASES.keys()
+
+
+def option_default(name: str) -> Any:
+    """The default of the keyword option ``name`` (a seed alias has its target's)."""
+    return StreamingConfig.model_fields[HOOK_ALIASES.get(name, name)].default
+
+
+def is_misspelling(word: str, name: str) -> bool:
+    """Whether ``word`` is ``name`` with one slip of the keyboard.
+
+    A slip is one letter added, dropped or replaced, two neighbouring letters swapped, or a
+    change of case; the first letter must match (case aside), since a word that differs from
+    ``name`` from its first letter on (``link`` and ``sink``) is usually another word.
+
+    Example:
+        >>> [is_misspelling(w, "progress") for w in ("progres", "porgress", "progress_log")]
+        [True, True, False]
+    """
+    a, b = word.lower(), name.lower()
+    if word == name or a[:1] != b[:1] or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) != len(b):
+        shorter, longer = sorted((a, b), key=len)
+        return any(longer[:i] + longer[i + 1 :] == shorter for i in range(len(longer)))
+    differ = [i for i in range(len(a)) if a[i] != b[i]]
+    if len(differ) == 2 and differ[1] == differ[0] + 1:
+        i = differ[0]
+        return a[i : i + 2] == b[i + 1] + b[i]
+    return len(differ) <= 1
 
 
 def build(model: type[_Model], agent_name: str, **values: Any) -> _Model:
@@ -90,9 +155,11 @@ def _canonical_options(agent_name: str, values: dict[str, Any]) -> dict[str, Any
     for name, value in values.items():
         target = HOOK_ALIASES.get(name, name)
         if target not in StreamingConfig.model_fields:
-            valid = ", ".join(sorted(_OPTION_NAMES | HOOK_ALIASES.keys()))
+            meant = [option for option in _OPTION_NAMES if is_misspelling(name, option)]
+            hint = f" Did you mean '{meant[0]}'?" if meant else ""
+            valid = ", ".join(sorted(_OPTION_NAMES))
             raise ConfigurationError(
-                f"Agent '{agent_name}': Unknown option '{name}'. Valid options: {valid}."
+                f"Agent '{agent_name}': Unknown option '{name}'.{hint} Valid options: {valid}."
             )
         if target in canonical:
             raise ConfigurationError(

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from arrowflow._row_counts import known_num_rows
 from arrowflow.exceptions import ExecutionError
 
 if TYPE_CHECKING:
@@ -21,6 +22,13 @@ class StreamCutter:
     only as streams are cut, holding at most one stream plus one batch beyond it: that look-ahead
     tells whether the stream being handed out is the last, so ``total`` is ``None`` until the
     end is in sight and known for the last stream.
+
+    A reader that knows its row count without being read (:func:`~arrowflow.scan_parquet`'s, from
+    the Parquet footers) gives ``total`` from the start. Should it hold another number of rows
+    (a file changed after the scan), ``total`` is corrected rather than left wrong: it becomes
+    ``None`` as soon as more rows than announced arrive, and the true count once the end is in
+    sight, for the last stream at the latest. Streams handed out before that carried the
+    announced ``total``; none ever carries a ``total`` smaller than its own number.
 
     Example:
         >>> import pyarrow as pa
@@ -38,8 +46,14 @@ class StreamCutter:
         self._source = source
         self.total: int | None = None
         self.rows = 0
+        # Rows a lazy reader announced; reading may prove it wrong (see the class docstring).
+        self._announced: int | None = None
         if isinstance(source, pa.Table):
             self.total = -(-source.num_rows // size)
+        else:
+            self._announced = known_num_rows(source)
+            if self._announced is not None:
+                self.total = -(-self._announced // size)
 
     def __iter__(self) -> Iterator[pa.Table]:
         if isinstance(self._source, pa.Table):
@@ -57,6 +71,7 @@ class StreamCutter:
         rows = 0
         exhausted = False
         emitted = 0
+        pulled = 0
         while True:
             # One row beyond the stream tells whether another stream follows.
             while rows <= self.size and not exhausted:
@@ -71,6 +86,9 @@ class StreamCutter:
                     ) from exc
                 buffered.append(batch)
                 rows += batch.num_rows
+                pulled += batch.num_rows
+                if self._announced is not None and pulled > self._announced:
+                    self.total = None
             if rows == 0:
                 self.total = emitted
                 return

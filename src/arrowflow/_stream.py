@@ -2,150 +2,82 @@
 
 Everything here runs on a stream's own context and touches nothing shared, so the executor can
 run several streams at once. Persistence is separate (:func:`persist_stream`): the executor
-calls it in stream order.
+calls it in stream order, from the run's own thread, so a stream abandoned by its run (timed
+out, interrupted) can never write to the state store.
 """
 
 from __future__ import annotations
 
-import random
 import threading
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from arrowflow._async import resolve
-from arrowflow._merge import concat_in_order, merge_outputs
-from arrowflow._slicing import StreamCutter
-from arrowflow._tabular import describe, is_tabular, to_table, to_table_or_reader
-from arrowflow.agent import Agent, AgentLike, bound_callable
+from arrowflow._invoke import Callables, Fields, as_table, invoke_agent
+from arrowflow._merge import concat_in_order
+from arrowflow._retry import Attempt, Tries, with_retries
+from arrowflow._tabular import decoded, to_table, without_views
 from arrowflow.context import Context
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from arrowflow._async import EventLoop
     from arrowflow._config import StreamingConfig
+    from arrowflow.agent import Agent
 
 __all__ = [
-    "Callables",
     "Fields",
     "StreamOutcome",
     "StreamPlan",
-    "instantiate",
-    "invoke_agent",
     "persist_stream",
     "run_stream",
 ]
 
-Fields = dict[str, Any]
-_T = TypeVar("_T")
-
-
-def instantiate(agent: AgentLike) -> Agent:
-    """An agent instance: classes are instantiated with no arguments, instances kept."""
-    return agent() if isinstance(agent, type) else agent
-
-
-def _to_fields(agent: Agent, returned: Any) -> Fields:
-    if returned is None:
-        return {}
-    if type(returned) is dict:
-        return returned
-    if isinstance(returned, Mapping):
-        return dict(returned)
-    raise ExecutionError(
-        f"Agent '{agent.name}' returned {describe(returned)} from call(); return a mapping of "
-        "the fields to set, or None."
-    )
-
-
-def invoke_agent(agent: Agent, context: Mapping[str, Any]) -> Fields:
-    """Run ``agent`` on ``context`` and return the fields it set.
-
-    An agent declared ``in_chunks_of(n)`` is called once per chunk of ``n`` rows of its tabular
-    field; the chunks' outputs are merged in order like streams (tables concatenated, other
-    values collected in a list).
-    """
-    chunks = type(agent)._chunks
-    if chunks is None:
-        returned = agent.call(Context(context))
-        if type(returned) is dict:  # the usual answer, taken without the checks below
-            return returned
-        return _to_fields(agent, resolve(returned))
-    field = chunks.over or _only_tabular_field(agent, context)
-    if field not in context or not is_tabular(context[field], allow_records=True):
-        found = describe(context[field]) if field in context else "nothing"
-        raise ExecutionError(
-            f"Agent '{agent.name}': in_chunks_of needs a table in field '{field}', found {found}."
-        )
-    cutter = StreamCutter(to_table_or_reader(context[field]), chunks.size)
-    outputs: list[tuple[int, Fields]] = []
-    for num, piece in enumerate(cutter, 1):
-        fields = _to_fields(agent, resolve(agent.call(Context({**context, field: piece}))))
-        fields = {**fields, field: as_table(agent, fields.get(field, piece), field, f"chunk {num}")}
-        outputs.append((num, fields))
-    return merge_outputs({}, field, outputs, cutter.schema, f"Agent '{agent.name}'")
-
-
-def _only_tabular_field(agent: Agent, context: Mapping[str, Any]) -> str:
-    candidates = [name for name, value in context.items() if is_tabular(value)]
-    if len(candidates) != 1:
-        raise ConfigurationError(
-            f"Agent '{agent.name}': in_chunks_of needs one tabular field, found "
-            f"{len(candidates)} ({', '.join(candidates) or 'none'}); name it with "
-            "in_chunks_of(n, over='field')."
-        )
-    return candidates[0]
-
-
-def as_table(agent: Agent, value: Any, field: str, where: str) -> pa.Table:
-    """The value an agent wrote to a tabular field, as a table; ``ExecutionError`` if not one."""
-    if type(value) is pa.Table:
-        return value
-    if not is_tabular(value, allow_records=True):
-        raise ExecutionError(
-            f"Agent '{agent.name}', {where}: field '{field}' must stay a table, got "
-            f"{describe(value)}. Return a pyarrow Table or RecordBatch for it."
-        )
-    return to_table(value)
-
-
-@dataclass(frozen=True, slots=True)
-class Callables:
-    """The hooks and state callables of a scope, resolved once per run."""
-
-    on_start: Callable[..., Any] | None
-    on_complete: Callable[..., Any] | None
-    on_error: Callable[..., Any] | None
-    skip_if: Callable[..., Any] | None
-    load_existing: Callable[..., Any] | None
-    persist: Callable[..., Any] | None
-
-    @classmethod
-    def of(cls, trigger: Agent) -> Callables:
-        names = (
-            "on_stream_start",
-            "on_stream_complete",
-            "on_stream_error",
-            "skip_if",
-            "load_existing",
-            "persist_each_stream",
-        )
-        return cls(*(bound_callable(trigger, name) for name in names))
+_NEVER = threading.Event()  # the cancel event of work that runs to its end
 
 
 @dataclass(frozen=True, slots=True)
 class StreamPlan:
-    """What every stream of one scope run shares."""
+    """What every stream of one scope run shares.
+
+    Attributes:
+        loop: the run's event loop, for ``async def`` agents.
+        cancelled: set when the run stops; streams still running stop at their next step.
+    """
 
     agents: list[Agent]
     field: str
     key: str | None
     config: StreamingConfig
     callables: Callables
+    loop: EventLoop
+    cancelled: threading.Event
+
+    def retry(
+        self,
+        tries: Tries,
+        work: Callable[..., Any],
+        *args: Any,
+        timeout: float | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Any:
+        """``work(attempt, *args)`` with this scope's retry options (see :mod:`arrowflow._retry`);
+        ``cancelled`` defaults to the run's."""
+        config = self.config
+        return with_retries(
+            tries,
+            retries=config.retries,
+            retry_on=config.retry_on,
+            backoff=config.backoff,
+            timeout=timeout,
+            cancelled=self.cancelled if cancelled is None else cancelled,
+            work=work,
+            args=args,
+        )
 
 
 @dataclass(slots=True)
@@ -156,109 +88,50 @@ class StreamOutcome:
         fields: the fields the stream wrote, its streamed field always present as a table.
         processed: the input rows that went through the agents (not skipped).
         produced: the rows the agents returned for them (the loaded rows excluded).
-        step: the agent or state callable that raised, when it failed.
+        tries: the attempts of the agents (and state callables), and how the last failed.
+        persisted: the attempts to persist the stream, counted apart from the agents'.
     """
 
     stream_num: int
     rows_in: int
-    attempts: int = 0
-    seconds: float = 0.0
+    tries: Tries = field(default_factory=Tries)
+    persisted: Tries = field(default_factory=Tries)
     fields: Fields | None = None
     processed: pa.Table | None = None
     produced: pa.Table | None = None
     skipped: int = 0
     loaded: int = 0
-    error: Exception | None = None
-    step: str | None = None
 
-    def fail(self, step: str, error: Exception) -> None:
-        self.fields, self.step, self.error = None, step, error
-
-
-class _Steps:
-    """Which step of an attempt is running: the name a failure or a timeout is blamed on."""
-
-    __slots__ = ("current",)
-
-    def __init__(self) -> None:
-        self.current = "skip_if"
-
-
-def _call_with_timeout(function: Callable[[], _T], timeout: float) -> _T:
-    """``function()``, abandoned with ``TimeoutError`` after ``timeout`` seconds.
-
-    The attempt runs in a daemon thread that nobody waits for: an overrun cannot be
-    interrupted in Python, so it may finish in the background, its result ignored.
-    """
-    finished = threading.Event()
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = function()
-        except BaseException as exc:
-            box["error"] = exc
-        finally:
-            finished.set()
-
-    threading.Thread(target=target, name="arrowflow-attempt", daemon=True).start()
-    if not finished.wait(timeout):
-        raise TimeoutError(f"stream attempt exceeded timeout={timeout}s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
-
-def _with_retries(
-    config: StreamingConfig,
-    outcome: StreamOutcome,
-    timeout: float | None,
-    attempt: Callable[..., _T],
-    *args: Any,
-) -> _T | None:
-    """Run ``attempt(steps, *args)`` until it succeeds or retries run out, each attempt
-    abandoned after ``timeout`` seconds; a failure is recorded in ``outcome`` and gives
-    ``None``."""
-    started = time.perf_counter()
-    try:
-        while True:
-            outcome.attempts += 1
-            steps = _Steps()
-            try:
-                if timeout is None:
-                    return attempt(steps, *args)
-                return _call_with_timeout(partial(attempt, steps, *args), timeout)
-            except Exception as error:
-                retryable = isinstance(error, config.retry_on)
-                if not retryable or outcome.attempts > config.retries:
-                    outcome.fail(steps.current, error)
-                    return None
-                time.sleep(backoff_delay(config.backoff, outcome.attempts))
-    finally:
-        outcome.seconds += time.perf_counter() - started
+    @property
+    def failure(self) -> Tries | None:
+        """The tries that failed the stream (the agents' or the persisting), if it failed."""
+        if self.fields is not None:
+            return None
+        return self.persisted if self.persisted.error is not None else self.tries
 
 
 def run_stream(plan: StreamPlan, context: Fields) -> StreamOutcome:
     """Skip, load, run the agents on the rest and order the rows, retrying as configured."""
     piece: pa.Table = context[plan.field]
     outcome = StreamOutcome(context["_batch_metadata"]["batch_number"], piece.num_rows)
-    done = _with_retries(plan.config, outcome, plan.config.timeout, _attempt, plan, context, piece)
+    timeout = plan.config.timeout
+    done = plan.retry(outcome.tries, _attempt, plan, context, piece, timeout=timeout)
     if done is not None:
         outcome.fields, outcome.processed, outcome.produced, outcome.skipped, outcome.loaded = done
     return outcome
 
 
 def _attempt(
-    steps: _Steps, plan: StreamPlan, context: Fields, piece: pa.Table
+    attempt: Attempt, plan: StreamPlan, context: Fields, piece: pa.Table
 ) -> tuple[Fields, pa.Table, pa.Table, int, int]:
     field, callables = plan.field, plan.callables
     todo, loaded, mask, skipped = piece, None, None, None
     if callables.skip_if is not None:
-        steps.current = "skip_if"
+        attempt.enter("skip_if")
         mask = _as_mask(callables.skip_if(piece, Context(context)), piece)
         todo = piece.filter(pc.invert(mask))
         if callables.load_existing is not None and todo.num_rows < piece.num_rows:
-            steps.current = "load_existing"
+            attempt.enter("load_existing")
             skipped = piece.filter(mask)
             loaded = to_table(callables.load_existing(skipped, Context(context)))
     written: Fields = {}
@@ -266,16 +139,22 @@ def _attempt(
     if todo.num_rows:
         current = {**context, field: todo}
         for agent in plan.agents:
-            steps.current = agent.name
-            fields = invoke_agent(agent, current)
-            if field in fields and type(fields[field]) is not pa.Table:
-                where = f"stream {context['_batch_metadata']['batch_number']}"
-                # A copy: the agent's own dict is left as it returned it.
-                fields = {**fields, field: as_table(agent, fields[field], field, where)}
+            attempt.enter(agent.name)
+            fields = invoke_agent(agent, current, plan.loop, attempt)
+            if field in fields:
+                value = fields[field]
+                table = (
+                    without_views(value)
+                    if type(value) is pa.Table
+                    else as_table(agent, value, field, f"stream {_number(context)}")
+                )
+                if table is not value:
+                    # A copy: the agent's own dict is left as it returned it.
+                    fields = {**fields, field: table}
             current = {**current, **fields}
             written.update(fields)
         processed = current[field]
-    steps.current = "merge of loaded and processed rows"
+    attempt.enter("merge of loaded and processed rows")
     if mask is not None and plan.key is not None:
         results = _in_input_order(loaded, processed, piece, mask, skipped, todo, plan.key)
     else:
@@ -285,12 +164,17 @@ def _attempt(
     return written, todo, processed, skipped_rows, 0 if loaded is None else loaded.num_rows
 
 
+def _number(context: Fields) -> int:
+    return int(context["_batch_metadata"]["batch_number"])
+
+
 def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) -> None:
     """Hand a completed stream's processed results to ``persist_each_stream``, with retries.
 
     Only rows that went through the agents are persisted; the callable's context is the
     stream's, its field holding those input rows. Nothing is persisted when every row was
-    skipped.
+    skipped. Persisting has a retry budget of its own (``retries``, counted in
+    ``outcome.persisted``, not in the agents' attempts); when it runs out the stream fails.
     """
     persist = plan.callables.persist
     processed, produced = outcome.processed, outcome.produced
@@ -299,22 +183,28 @@ def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) ->
     if not processed.num_rows:
         return
     persist_context = Context({**context, **outcome.fields, plan.field: processed})
-    # No timeout here: an abandoned save could still be writing when its retry starts.
-    _with_retries(plan.config, outcome, None, _persist, persist, produced, persist_context)
+    # No timeout: an abandoned save could still be writing when its retry starts. Not
+    # cancellable: the executor persists streams that completed before an interrupt.
+    saved = plan.retry(
+        outcome.persisted, _persist, persist, produced, persist_context, cancelled=_NEVER
+    )
+    if saved is None:
+        outcome.fields = None
 
 
 def _persist(
-    steps: _Steps, persist: Callable[..., Any], results: pa.Table, context: Context
-) -> None:
-    steps.current = "persist_each_stream"
+    attempt: Attempt, persist: Callable[..., Any], results: pa.Table, context: Context
+) -> bool:
+    attempt.enter("persist_each_stream")
     persist(results, context)
+    return True
 
 
 def _as_mask(mask: Any, piece: pa.Table) -> Any:
     """A boolean Arrow array from ``skip_if``'s result (Arrow or numpy); nulls mean keep."""
     array = mask if isinstance(mask, pa.Array | pa.ChunkedArray) else pa.array(mask)
     if not pa.types.is_boolean(array.type) or len(array) != piece.num_rows:
-        raise ExecutionError(
+        raise ConfigurationError(
             f"skip_if must return a boolean mask of {piece.num_rows} values, got "
             f"{len(array)} values of type {array.type}."
         )
@@ -334,7 +224,7 @@ def _in_input_order(
     todo: pa.Table,
     key: str,
 ) -> pa.Table:
-    """Loaded and processed rows in the input order of their keys (DESIGN §5); rows whose key
+    """Loaded and processed rows in the input order of their keys; rows whose key
     is not in the input keep their order, last."""
     results = processed if loaded is None else _combine(loaded, processed)
     if key not in results.column_names:
@@ -362,12 +252,6 @@ def _in_input_order(
             ]
         )
         return results.take(pc.inverse_permutation(positions))
-    positions = pc.index_in(results[key], value_set=keys)
+    # By value: Arrow refuses a dictionary-encoded value set.
+    positions = pc.index_in(results[key], value_set=decoded(keys))
     return results.take(pc.array_sort_indices(positions, null_placement="at_end"))  # stable
-
-
-def backoff_delay(base: float, attempt: int) -> float:
-    """Exponential backoff with jitter: ``base * 2**(attempt-1)``, scaled by 0.5 to 1.5."""
-    if base == 0:
-        return 0.0
-    return float(base * 2 ** (attempt - 1) * (0.5 + random.random()))

@@ -2,7 +2,8 @@
 
 Rules (DESIGN §1, §4):
 
-- ``pa.Table`` is used as it is; ``pa.RecordBatch`` is wrapped (no copy).
+- ``pa.Table`` is used as it is; ``pa.RecordBatch`` is wrapped (no copy); view types aside
+  (below).
 - ``pa.RecordBatchReader`` stays a reader: the executor pulls its batches lazily.
 - Objects exporting ``__arrow_c_stream__``: in-memory data frames (polars, pandas) are
   converted to a ``pa.Table`` (zero-copy where their buffers allow) so the number of rows, and
@@ -11,19 +12,52 @@ Rules (DESIGN §1, §4):
 - Objects exporting only ``__arrow_c_array__`` become a one-batch table.
 - A list of dicts is tabular only where the caller says so (the field named by ``over=``); an
   empty list is a table with no rows and no columns.
+
+Arrow view types, which polars exports and most Arrow kernels (filter, take, sort, ``is_in``)
+and the Parquet writer do not handle yet, are normalised on the way in:
+
+=====================================  ===================
+view type                              becomes
+=====================================  ===================
+``string_view``                        ``large_string``
+``binary_view``                        ``large_binary``
+``list_view<T>``, ``large_list_view``  ``large_list<T>``
+=====================================  ===================
+
+Large types, because a view column's values may add up to more than 32-bit offsets address
+(list views may even overlap). Views nested in a struct, a list, a map or a dictionary's values
+are normalised too (a polars ``Categorical`` arrives as ``dictionary<values=string_view>``
+and leaves as ``dictionary<values=large_string>``, its dictionary and indices kept). The layouts
+differ, so a view column is copied once; every other column is kept as it is, and a table
+without view types is returned unchanged (one look at its schema). A reader stays lazy: each
+batch is converted as it is pulled. Run-end-encoded and union columns holding views are left as
+they are, since Arrow cannot cast them. Dictionary-encoded columns are kept encoded; code that
+compares values (keys) decodes them with :func:`decoded`.
+
+String and binary views go through Arrow's cast. List views do not: Arrow's cast from a list
+view to a list (pyarrow 26 at least) builds an offsets buffer one entry short, an invalid
+array, so their values are gathered with ``list_flatten`` and the offsets rebuilt from the
+lengths.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 __all__ = [
+    "decoded",
     "describe",
     "is_tabular",
     "to_table",
     "to_table_or_reader",
+    "value_type",
+    "without_views",
 ]
 
 # Libraries whose data frames live in memory: their length is free, so converting them to a
@@ -55,17 +89,20 @@ def _is_in_memory_frame(value: Any) -> bool:
 
 def to_table_or_reader(value: Any) -> pa.Table | pa.RecordBatchReader:
     """Convert a tabular value, keeping lazy sources lazy (see the module docstring)."""
-    if isinstance(value, pa.Table | pa.RecordBatchReader):
-        return value
+    if isinstance(value, pa.Table):
+        return without_views(value)
+    if isinstance(value, pa.RecordBatchReader):
+        return _reader_without_views(value)
     if isinstance(value, pa.RecordBatch):
-        return pa.Table.from_batches([value])
+        return without_views(pa.Table.from_batches([value]))
     if hasattr(value, "__arrow_c_stream__"):
         if _is_in_memory_frame(value):
-            return pa.table(value)
-        return pa.RecordBatchReader.from_stream(value)
+            return without_views(pa.table(value))
+        return _reader_without_views(pa.RecordBatchReader.from_stream(value))
     if hasattr(value, "__arrow_c_array__"):
-        return pa.Table.from_batches([pa.record_batch(value)])
+        return without_views(pa.Table.from_batches([pa.record_batch(value)]))
     if _is_records(value):
+        # pyarrow infers no view type from Python values.
         return pa.Table.from_pylist(value) if value else pa.table({})
     raise TypeError(f"expected an Arrow table or something Arrow-shaped, got {describe(value)}")
 
@@ -83,3 +120,207 @@ def describe(value: Any) -> str:
     kind = type(value)
     module = kind.__module__
     return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+# -- view types ------------------------------------------------------------------------------
+
+
+def without_views(table: pa.Table) -> pa.Table:
+    """``table`` with its view-typed columns converted (module docstring); ``table`` itself
+    when it has none.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> table = pa.table({"s": pa.array(["a", "b"], pa.string_view()), "n": [1, 2]})
+        >>> without_views(table).schema.types
+        [DataType(large_string), DataType(int64)]
+    """
+    schema = _schema_without_views(table.schema)
+    if schema is None:
+        return table
+    columns = [
+        column if column.type.equals(field.type) else _chunked_without_views(column, field.type)
+        for column, field in zip(table.columns, schema, strict=True)
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# Type ids of the views without children, with what they become.
+_FLAT_VIEWS = {
+    pa.string_view().id: pa.large_string(),
+    pa.binary_view().id: pa.large_binary(),
+}
+_DICTIONARY = pa.dictionary(pa.int32(), pa.string()).id
+
+
+def _reader_without_views(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
+    schema = _schema_without_views(reader.schema)
+    if schema is None:
+        return reader
+    return pa.RecordBatchReader.from_batches(schema, _batches_without_views(reader, schema))
+
+
+def _batches_without_views(
+    reader: pa.RecordBatchReader, schema: pa.Schema
+) -> Iterator[pa.RecordBatch]:
+    for batch in reader:
+        columns = [
+            column if column.type.equals(field.type) else _array_without_views(column, field.type)
+            for column, field in zip(batch.columns, schema, strict=True)
+        ]
+        yield pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _schema_without_views(schema: pa.Schema) -> pa.Schema | None:
+    """``schema`` with view types replaced, or ``None`` when it has none."""
+    # Every view type prints with "_view" (string_view, list_view<...>): one C++ call rules
+    # them out for the usual schema, several times cheaper than walking its types.
+    text = schema.to_string(show_field_metadata=False, show_schema_metadata=False)
+    if "_view" not in text:
+        return None
+    plain = [_type_without_views(data_type) for data_type in schema.types]
+    if all(data_type is None for data_type in plain):
+        return None
+    return pa.schema(
+        [
+            field if data_type is None else field.with_type(data_type)
+            for field, data_type in zip(schema, plain, strict=True)
+        ],
+        metadata=schema.metadata,
+    )
+
+
+def _field_without_views(field: pa.Field) -> pa.Field | None:
+    plain = _type_without_views(field.type)
+    return None if plain is None else field.with_type(plain)
+
+
+def _type_without_views(data_type: pa.DataType) -> pa.DataType | None:
+    """``data_type`` with view types replaced, or ``None`` when it holds none.
+
+    ``None`` rather than the type itself: pyarrow hands out a new wrapper on every access, so
+    "unchanged" cannot be told by identity, and comparing types would walk them twice.
+    """
+    kind = data_type.id
+    if kind in _FLAT_VIEWS:
+        return _FLAT_VIEWS[kind]
+    if kind != _DICTIONARY and data_type.num_fields == 0:
+        return None  # the usual case, decided without walking the predicates below
+    types = pa.types
+    if types.is_list_view(data_type) or types.is_large_list_view(data_type):
+        return pa.large_list(_field_without_views(data_type.value_field) or data_type.value_field)
+    if types.is_list(data_type) or types.is_large_list(data_type):
+        value = _field_without_views(data_type.value_field)
+        if value is None:
+            return None
+        return pa.list_(value) if types.is_list(data_type) else pa.large_list(value)
+    if types.is_fixed_size_list(data_type):
+        value = _field_without_views(data_type.value_field)
+        return None if value is None else pa.list_(value, data_type.list_size)
+    if types.is_map(data_type):
+        key = _field_without_views(data_type.key_field)
+        item = _field_without_views(data_type.item_field)
+        if key is None and item is None:
+            return None
+        return pa.map_(
+            key or data_type.key_field,
+            item or data_type.item_field,
+            keys_sorted=data_type.keys_sorted,
+        )
+    if types.is_struct(data_type):
+        fields = [_field_without_views(field) for field in data_type]
+        if all(field is None for field in fields):
+            return None
+        return pa.struct([new or old for new, old in zip(fields, list(data_type), strict=True)])
+    if types.is_dictionary(data_type):
+        values = _type_without_views(data_type.value_type)
+        if values is None:
+            return None
+        return pa.dictionary(data_type.index_type, values, data_type.ordered)
+    return None
+
+
+def _chunked_without_views(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    return pa.chunked_array(
+        [_array_without_views(chunk, target) for chunk in column.chunks], type=target
+    )
+
+
+def _array_without_views(array: pa.Array, target: pa.DataType) -> pa.Array:
+    """``array`` as ``target``, its type with views replaced (see the module docstring)."""
+    kind = array.type
+    if not _holds_list_view(kind):
+        return array.cast(target)
+    types = pa.types
+    nulls = pc.is_null(array) if array.null_count else None
+    if types.is_list_view(kind) or types.is_large_list_view(kind):
+        values = _array_without_views(pc.list_flatten(array), target.value_type)
+        lengths = pc.fill_null(pc.list_value_length(array), 0).cast(pa.int64())
+        start = pa.array([0], pa.int64())
+        offsets = pa.concat_arrays([start, pc.cumulative_sum(lengths)])
+        return pa.LargeListArray.from_arrays(offsets, values, type=target, mask=nulls)
+    if types.is_list(kind) or types.is_large_list(kind):
+        offsets, (values,) = _rebased(array.offsets, array.values)
+        values = _array_without_views(values, target.value_type)
+        lists = pa.ListArray if types.is_list(kind) else pa.LargeListArray
+        return lists.from_arrays(offsets, values, type=target, mask=nulls)
+    if types.is_fixed_size_list(kind):
+        size = kind.list_size
+        values = array.values.slice(array.offset * size, len(array) * size)
+        converted = _array_without_views(values, target.value_type)
+        return pa.FixedSizeListArray.from_arrays(converted, type=target, mask=nulls)
+    if types.is_map(kind):
+        offsets, (keys, items) = _rebased(array.offsets, array.keys, array.items)
+        keys = _array_without_views(keys, target.key_type)
+        items = _array_without_views(items, target.item_type)
+        return pa.MapArray.from_arrays(offsets, keys, items, type=target, mask=nulls)
+    if types.is_struct(kind):
+        children = [
+            _array_without_views(array.field(index), target.field(index).type)
+            for index in range(kind.num_fields)
+        ]
+        return pa.StructArray.from_arrays(children, fields=list(target), mask=nulls)
+    if types.is_dictionary(kind):
+        dictionary = _array_without_views(array.dictionary, target.value_type)
+        return pa.DictionaryArray.from_arrays(array.indices, dictionary, ordered=kind.ordered)
+    return array.cast(target)
+
+
+def _rebased(offsets: pa.Array, *children: pa.Array) -> tuple[pa.Array, list[pa.Array]]:
+    """Offsets starting at 0 and the part of ``children`` they cover: a slice's offsets index
+    its parent's children, and Arrow builds no list from sliced offsets and a null mask."""
+    first, last = offsets[0].as_py(), offsets[-1].as_py()
+    rebased = pc.subtract(offsets, pa.scalar(first, offsets.type))
+    return rebased, [child.slice(first, last - first) for child in children]
+
+
+def _holds_list_view(data_type: pa.DataType) -> bool:
+    if pa.types.is_list_view(data_type) or pa.types.is_large_list_view(data_type):
+        return True
+    if pa.types.is_dictionary(data_type):
+        return _holds_list_view(data_type.value_type)
+    return any(
+        _holds_list_view(data_type.field(index).type) for index in range(data_type.num_fields)
+    )
+
+
+# -- dictionary-encoded values -----------------------------------------------------------------
+
+
+def value_type(data_type: pa.DataType) -> pa.DataType:
+    """The type of the values a column holds: a dictionary's value type, else the type itself."""
+    if pa.types.is_dictionary(data_type):
+        return data_type.value_type
+    return data_type
+
+
+def decoded(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``values`` with a dictionary encoding undone (as they are otherwise).
+
+    Keys compare by value: the same value may have another code in another chunk, another
+    frame or another run (a pandas ``Categorical`` with its categories in another order), and
+    Arrow's hash kernels with a dictionary value set want plain values.
+    """
+    if pa.types.is_dictionary(values.type):
+        return values.cast(values.type.value_type)
+    return values

@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Unpack, overload
 
-from arrowflow._config import HOOK_ALIASES, ChunkConfig, StreamingConfig, build
+from arrowflow._config import (
+    HOOK_ALIASES,
+    ChunkConfig,
+    StreamingConfig,
+    StreamingOptions,
+    build,
+    option_default,
+)
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 
 if TYPE_CHECKING:
@@ -37,6 +44,30 @@ __all__ = [
 ]
 
 _A = TypeVar("_A", bound="type[Agent]")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _options_in_signature(function: _F) -> _F:
+    """Spell out ``**options`` in the signature that ``help()`` and notebooks show.
+
+    Type checkers read the options from ``Unpack[StreamingOptions]``; ``inspect.signature``
+    shows them as keyword-only parameters with their defaults. The function itself still
+    takes any keyword, so that an unknown option is reported as a ``ConfigurationError``.
+    """
+    signature = inspect.signature(function)
+    *named, _ = signature.parameters.values()
+    options = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=option_default(name),
+            annotation=getattr(annotation, "__forward_arg__", annotation),
+        )
+        for name, annotation in StreamingOptions.__annotations__.items()
+    ]
+    spelled_out = signature.replace(parameters=[*named, *options])
+    function.__signature__ = spelled_out  # type: ignore[attr-defined]
+    return function
 
 
 class _AgentMeta(type):
@@ -103,6 +134,7 @@ class Agent(metaclass=_AgentMeta):
     # -- declarations ---------------------------------------------------------------------
 
     @classmethod
+    @_options_in_signature
     def intelligent_streaming(
         cls,
         stream_size: int,
@@ -110,19 +142,66 @@ class Agent(metaclass=_AgentMeta):
         incremental: bool = False,
         *,
         override: bool = False,
-        **options: Any,
+        **options: Unpack[StreamingOptions],
     ) -> type[Agent]:
         """Make this agent start a streaming scope over the tabular field ``over``.
 
-        The field (auto-detected when ``over`` is ``None``) is cut into slices of
-        ``stream_size`` rows; each flows through this agent and the ones after it up to an
-        ``ends_batching`` agent; the results are merged back in order. ``incremental=True``
-        calls ``on_stream_complete`` after each stream instead of once at the end. Options:
-        ``key``, ``state``, ``skip_if``, ``load_existing``, ``persist_each_stream``,
-        ``on_stream_start``, ``on_stream_complete``, ``on_stream_error``, ``retries``,
-        ``retry_on``, ``backoff``, ``on_error`` (DESIGN §3).
+        The field is cut into slices of ``stream_size`` rows; each flows through this agent and
+        the ones after it, up to an ``ends_batching`` agent, and the results are merged back in
+        order. Hooks and state callables may instead be methods of the agent with the same
+        names (or their seed aliases); an option given here wins over a method.
 
-        Returns the class, so the decorator form can return it.
+        Args:
+            stream_size: rows per stream, an ``int`` > 0.
+            over: the field to stream. Default ``None``: the only tabular field of the context
+                when this agent runs.
+            incremental: ``True`` calls ``on_stream_complete`` after each stream; the default
+                ``False`` calls it once at the end with every stream's results.
+            override: ``True`` replaces an earlier declaration on this class. Default
+                ``False``: a second declaration is an error.
+            state: a state store, such as ``af.DuckDBState``, that skips rows already done,
+                loads their stored results and persists new ones. Default ``None``.
+            key: the key column identifying rows: loaded and processed rows come back in the
+                input order of their keys. Default ``None``: the state store's key, if any.
+            skip_if: ``skip_if(batch, context)`` returns a boolean mask of the stream's rows
+                already done. Default ``None``.
+            load_existing: ``load_existing(skipped, context)`` returns the stored results of
+                the skipped rows as a table. Default ``None``.
+            persist_each_stream: ``persist_each_stream(results, context)`` stores a stream's
+                new results. Default ``None``. Seed alias: ``persist_each_batch``.
+            on_stream_start: ``on_stream_start(stream_num, total, context)`` runs before each
+                stream. Default ``None``. Seed alias: ``on_batch_start``.
+            on_stream_complete: ``on_stream_complete(stream_num, total, results)`` runs when
+                streams complete (see ``incremental``). Default ``None``. Seed alias:
+                ``on_batch_complete``.
+            on_stream_error: ``on_stream_error(stream_num, total, error, context)`` runs when
+                a stream fails after its retries. Default ``None``. Seed alias:
+                ``on_batch_error``.
+            max_concurrency: streams run at once, in threads (``async def`` agents on an event
+                loop); results stay in stream order. Default ``1``.
+            retries: further attempts of a failing stream. Default ``0``.
+            retry_on: the exception type, or tuple of types, worth a retry; others fail at
+                once. Default ``(Exception,)``.
+            backoff: seconds before the first retry, doubled at each attempt, with jitter;
+                ``0`` retries at once. Default ``1.0``.
+            timeout: seconds allowed per stream attempt; an overrun is a ``TimeoutError``.
+                Default ``None``: no limit.
+            on_error: ``"raise"`` (default) raises ``BatchExecutionError`` once a stream has
+                failed; ``"continue"`` records the failure and goes on with the next streams.
+
+        Returns:
+            The class, so that the decorator form can return it.
+
+        Raises:
+            ConfigurationError: an invalid value or an unknown option, naming the agent.
+
+        Example:
+            >>> import arrowflow as af
+            >>> class Fit(af.Agent):
+            ...     def call(self, context):
+            ...         return None
+            >>> Fit.intelligent_streaming(100, over="companies", retries=2).is_batching_trigger()
+            True
         """
         if "_streaming" in cls.__dict__ and not override:
             raise ConfigurationError(
@@ -145,6 +224,7 @@ class Agent(metaclass=_AgentMeta):
         return cls
 
     @classmethod
+    @_options_in_signature
     def intelligent_batching(
         cls,
         batch_size: int,
@@ -152,14 +232,20 @@ class Agent(metaclass=_AgentMeta):
         streaming: bool = False,
         *,
         override: bool = False,
-        **options: Any,
+        **options: Unpack[StreamingOptions],
     ) -> type[Agent]:
         """Seed name of :meth:`intelligent_streaming` (``streaming`` means ``incremental``)."""
         return cls.intelligent_streaming(batch_size, over, streaming, override=override, **options)
 
     @classmethod
+    @_options_in_signature
     def triggers_batching(
-        cls, chunk_size: int, over: str | None = None, *, override: bool = False, **options: Any
+        cls,
+        chunk_size: int,
+        over: str | None = None,
+        *,
+        override: bool = False,
+        **options: Unpack[StreamingOptions],
     ) -> type[Agent]:
         """Seed name of :meth:`intelligent_streaming` with ``stream_size=chunk_size``."""
         return cls.intelligent_streaming(chunk_size, over, override=override, **options)
@@ -269,15 +355,16 @@ def _check_agent_class(target: Any, decorator: str) -> type[Agent]:
 # -- decorators --------------------------------------------------------------------------
 
 
+@_options_in_signature
 def intelligent_streaming(
     stream_size: int,
     over: str | None = None,
     incremental: bool = False,
     *,
     override: bool = False,
-    **options: Any,
+    **options: Unpack[StreamingOptions],
 ) -> Callable[[_A], _A]:
-    """Decorator form of :meth:`Agent.intelligent_streaming`.
+    """Decorator form of :meth:`Agent.intelligent_streaming`, which documents the arguments.
 
     Example:
         >>> import arrowflow as af
@@ -299,20 +386,26 @@ def intelligent_streaming(
     return decorate
 
 
+@_options_in_signature
 def intelligent_batching(
     batch_size: int,
     over: str | None = None,
     streaming: bool = False,
     *,
     override: bool = False,
-    **options: Any,
+    **options: Unpack[StreamingOptions],
 ) -> Callable[[_A], _A]:
     """Decorator form of :meth:`Agent.intelligent_batching`."""
     return intelligent_streaming(batch_size, over, streaming, override=override, **options)
 
 
+@_options_in_signature
 def triggers_batching(
-    chunk_size: int, over: str | None = None, *, override: bool = False, **options: Any
+    chunk_size: int,
+    over: str | None = None,
+    *,
+    override: bool = False,
+    **options: Unpack[StreamingOptions],
 ) -> Callable[[_A], _A]:
     """Decorator form of :meth:`Agent.triggers_batching`."""
     return intelligent_streaming(chunk_size, over, override=override, **options)

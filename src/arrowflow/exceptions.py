@@ -3,9 +3,13 @@
 The hierarchy::
 
     ArrowflowError
-    ├── ConfigurationError (also a ValueError): a flow or a declaration that cannot run
+    ├── ConfigurationError (also a ValueError): a flow, a declaration or an agent that cannot
+    │   work as written (found before any agent runs, or when an agent returns the wrong type)
     └── ExecutionError: something went wrong while a flow ran
         └── BatchExecutionError: one stream of a streaming scope failed
+
+A ``KeyboardInterrupt`` (Ctrl-C) is never wrapped: it propagates as itself, with a note saying
+which streams were kept.
 
 Messages name the agent, the stream and the field involved and say what to do next.
 """
@@ -30,7 +34,12 @@ class ArrowflowError(Exception):
 
 
 class ConfigurationError(ArrowflowError, ValueError):
-    """A declaration, a flow or an option that cannot work, found before any agent runs."""
+    """A declaration, a flow, an option or an agent that cannot work as written.
+
+    Found before any agent runs where it can be (options, scopes, hook signatures), else when
+    an agent breaks its contract (``call`` returning a list, say). Never retried: the run
+    fails at once, and the message says what to write instead.
+    """
 
 
 class ExecutionError(ArrowflowError):

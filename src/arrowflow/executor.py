@@ -4,33 +4,49 @@
 field into zero-copy slices, runs the scope's agents on each (:mod:`arrowflow._stream`), then,
 in stream order, persists the stream, calls the hooks, records statistics and delivers the
 result; at the end it merges the streams' results in order.
+
+Stopping. A run stops when a stream fails under ``on_error="raise"``, when a programming error
+surfaces, when ``stream()``'s iterator is closed, and when it is interrupted (``Ctrl-C``:
+``KeyboardInterrupt``, ``SystemExit``, or DuckDB's "query interrupted"). It then starts no
+new stream, tells running ones to stop at their next step (coroutines are cancelled), and
+keeps — persists and counts — every stream that had completed, even one still waiting for an
+earlier stream to complete. An interrupt then gives the running streams
+:data:`INTERRUPT_GRACE` seconds to let go, and returns control even if an agent is stuck (its
+thread is abandoned: a daemon that can never write to the state store or the sink). Last, the
+pool, the event loop, the progress bar, the sink and the state store are released, each
+whatever happened to the others; the store records the run as ``ok``, ``failed``,
+``stopped`` or ``interrupted``. The interrupt is then raised again — a DuckDB one as a
+``KeyboardInterrupt`` — with a note saying which streams were kept, and the scope's statistics
+as its ``execution_stats`` attribute (streams cut off have the status ``"interrupted"``).
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections import deque
-from collections.abc import Generator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Mapping
+from concurrent.futures import Future, wait
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 
+from arrowflow._async import EventLoop
 from arrowflow._config import StreamingConfig
+from arrowflow._invoke import Callables, Fields, check_agents, instantiate, invoke_agent
 from arrowflow._merge import merge_outputs
+from arrowflow._retry import is_interrupt
 from arrowflow._slicing import StreamCutter
-from arrowflow._stream import (
-    Callables,
-    Fields,
-    StreamOutcome,
-    StreamPlan,
-    instantiate,
-    invoke_agent,
-    persist_stream,
-    run_stream,
-)
+from arrowflow._stream import StreamOutcome, StreamPlan, persist_stream, run_stream
+from arrowflow._workers import DaemonPool
 from arrowflow.agent import Agent, agent_class
 from arrowflow.context import Context
-from arrowflow.exceptions import BatchExecutionError, ConfigurationError, ExecutionError
+from arrowflow.exceptions import (
+    BatchExecutionError,
+    ConfigurationError,
+    ExecutionError,
+)
 from arrowflow.hooks import call_hook
 from arrowflow.progress import ProgressBar, open_progress
 from arrowflow.results import StreamResult
@@ -38,14 +54,20 @@ from arrowflow.state.base import ScopeInfo
 from arrowflow.stats import StatsRecorder, StreamRecord
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from arrowflow.io import Sink
     from arrowflow.scope import BatchingScope
 
-__all__ = ["PipelineBatchExecutor", "drain", "instantiate", "invoke_agent"]
+__all__ = ["INTERRUPT_GRACE", "PipelineBatchExecutor", "drain", "instantiate", "invoke_agent"]
+
+#: Seconds an interrupted run waits for its running streams to stop before returning anyway.
+INTERRUPT_GRACE = 1.0
 
 _R = TypeVar("_R")
+# Numbers scope runs in this process: a scope_id is never reused, so a store can tell the
+# streams of a run that ended from those of the current one.
+_RUN_NUMBERS = itertools.count(1)
 _HOOK_ATTRIBUTES = {
     "on_stream_start": "on_start",
     "on_stream_complete": "on_complete",
@@ -69,8 +91,11 @@ class PipelineBatchExecutor:
         scope: the scope it runs.
         accumulated_results: per stream that completed, in order, the fields it wrote (its
             streamed field always present, as a ``pa.Table``); reset by each call.
-        execution_stats: totals and the per-stream ``"streams"`` table of the last call
-            (DESIGN §6).
+        execution_stats: the last call's totals (``total_batches``, ``successful_batches``,
+            ``failed_batches``, ``total_items``, ``processed_items``, ``skipped_items``,
+            ``loaded_items``, ``start_time``, ``end_time``) and its ``"streams"`` table, a row
+            per stream (``stream_num``, ``rows_in``, ``rows_out``, ``skipped``, ``loaded``,
+            ``seconds``, ``attempts``, ``status``, ``error``).
 
     Example:
         >>> import pyarrow as pa
@@ -129,13 +154,19 @@ class _ScopeRun:
     ) -> None:
         scope = executor.scope
         size = scope.chunk_size
+        if scope.trigger_agent is None:
+            raise ConfigurationError(
+                "BatchingScope(None) cannot run: give it the agent that declares "
+                "intelligent_streaming, e.g. BatchingScope(QuickFit)."
+            )
         if not scope.is_valid() or size is None:
             raise ConfigurationError(
-                f"Scope of agent '{scope.trigger_name}' cannot run: it needs a stream size > 0 "
-                "and no other trigger or terminator inside it."
+                f"Scope of agent '{scope.trigger_name}' cannot run: it needs a trigger agent "
+                "with a stream size > 0 and no other trigger or terminator inside it."
             )
         context.pop("_batch_metadata", None)
         agents = [instantiate(member) for member in scope.agents]
+        check_agents(agents)
         trigger = agents[0]
         config = agent_class(trigger)._streaming or StreamingConfig(stream_size=size)
         field = scope.detect_array_field(context)
@@ -149,11 +180,14 @@ class _ScopeRun:
         self.executor = executor
         self.base = context
         self.trigger = trigger
-        self.plan = StreamPlan(agents, field, key, config, Callables.of(trigger))
+        self.cancelled = threading.Event()
+        self.plan = StreamPlan(
+            agents, field, key, config, Callables.of(trigger), EventLoop(), self.cancelled
+        )
         self.cutter = StreamCutter(source, size, f"Agent '{trigger.name}', field '{field}'")
         self.recorder = StatsRecorder()
         self.outputs: list[tuple[int, Fields]] = []
-        self.scope_id = f"{trigger.name}:{id(self):x}"
+        self.scope_id = f"{trigger.name}:{next(_RUN_NUMBERS)}"
         self.state = config.state
         self.scope_info = self._scope_info(agents, source.schema)
         self.whole_input = source if isinstance(source, pa.Table) else None
@@ -161,11 +195,17 @@ class _ScopeRun:
         self.progress: ProgressBar | None = None
         self.sink = sink
         self.failure: BatchExecutionError | None = None
+        self.status = "failed"
+        limit = config.max_concurrency
+        self.pool = DaemonPool(limit, "arrowflow-stream") if limit > 1 else None
+        self.in_flight: deque[tuple[Fields, Future[StreamOutcome] | _Ran]] = deque()
         executor.accumulated_results = []
 
     def _scope_info(self, agents: list[Agent], schema: pa.Schema) -> ScopeInfo:
         names = tuple(f"{type(agent).__module__}.{type(agent).__qualname__}" for agent in agents)
-        return ScopeInfo(names, self.plan.field, self.plan.key, schema, self.trigger.name)
+        return ScopeInfo(
+            names, self.plan.field, self.plan.key, schema, self.trigger.name, self.scope_id
+        )
 
     def _call_state(self, method: str, *args: Any) -> None:
         function = getattr(self.state, method, None)
@@ -173,66 +213,68 @@ class _ScopeRun:
             function(*args)
 
     def execute(self) -> Generator[StreamResult, None, dict[str, Any]]:
-        """Run the streams, up to ``max_concurrency`` at once, completing them in order.
-
-        Memory stays bounded: a stream is cut from the input only when a slot is free, so at
-        most ``max_concurrency`` streams are in flight plus the one being delivered and the
-        cutter's look-ahead.
-        """
-        status = "failed"
-        limit = self.plan.config.max_concurrency
-        pool = (
-            ThreadPoolExecutor(limit, thread_name_prefix="arrowflow-stream") if limit > 1 else None
-        )
-        in_flight: deque[tuple[Fields, Future[StreamOutcome] | _Ran]] = deque()
-        contexts = self._stream_contexts()
+        """Run the streams, then release everything, whatever happened (module docstring)."""
+        error: BaseException | None = None
+        merged: dict[str, Any] = {}
         try:
             self._call_state("begin_run", self.scope_info, self.whole_input)
             self.progress = open_progress(
                 self.progress_option, self.trigger.name, self.cutter.total
             )
-            while True:
-                while len(in_flight) < limit and not self._is_failing(in_flight):
-                    context = next(contexts, None)
-                    if context is None:
-                        break
-                    in_flight.append((context, _start(pool, self.plan, context)))
-                if not in_flight:
-                    break
-                context, future = in_flight.popleft()
-                result = self._complete(future.result(), context)
-                if result is not None and self.failure is None:
-                    yield result
+            yield from self._run_streams()
             if self.failure is not None:
-                self.failure.partial_results = self._merge()
+                self.failure.partial_results = self._merge(final=False)
                 raise self.failure from self.failure.original_error
             merged = self._finish()
-            status = "ok"
-            return merged
-        except GeneratorExit:
-            status = "stopped"
-            raise
-        finally:
-            if pool is not None:
-                # Streams still running are abandoned, not awaited: stopping means stopping.
-                pool.shutdown(wait=False, cancel_futures=True)
-            if self.progress is not None:
-                self.progress.close()
-            if self.sink is not None:
-                self.sink.close()
-            self.executor.execution_stats = self.recorder.as_dict()
-            self._call_state("end_run", self.executor.execution_stats, status)
+            self.status = "ok"
+        except BaseException as exc:
+            error = self._stop(exc)
+        self._release(error)
+        if error is not None:
+            raise error
+        return merged
 
-    def _is_failing(self, in_flight: deque[tuple[Fields, Future[StreamOutcome] | _Ran]]) -> bool:
+    def _run_streams(self) -> Generator[StreamResult, None, None]:
+        """Up to ``max_concurrency`` streams at once, completed in stream order.
+
+        Memory stays bounded: a stream is cut from the input only when a slot is free, so at
+        most ``max_concurrency`` streams are in flight plus the one being delivered and the
+        cutter's look-ahead.
+        """
+        limit = self.plan.config.max_concurrency
+        in_flight = self.in_flight
+        contexts = self._stream_contexts()
+        while True:
+            while len(in_flight) < limit and not self._is_failing():
+                context = next(contexts, None)
+                if context is None:
+                    break
+                in_flight.append((context, self._start(context)))
+            if not in_flight:
+                return
+            context, future = in_flight[0]
+            outcome = future.result()
+            in_flight.popleft()
+            result = self._complete(outcome, context)
+            if result is not None and self.failure is None:
+                yield result
+
+    def _start(self, context: Fields) -> Future[StreamOutcome] | _Ran:
+        """Run a stream on the pool, or right here when streams run one at a time."""
+        if self.pool is None:
+            return _Ran(run_stream(self.plan, context))
+        return self.pool.submit(run_stream, self.plan, context)
+
+    def _is_failing(self) -> bool:
         """Whether no new stream should start: a failure under ``on_error="raise"`` is known,
         or a stream still waiting for its turn to complete has already failed."""
         if self.failure is not None:
             return True
-        if len(in_flight) < 2 or self.plan.config.on_error != "raise":
+        if len(self.in_flight) < 2 or self.plan.config.on_error != "raise":
             return False
         return any(
-            future.done() and future.result().fields is None
-            for _, future in in_flight
+            future.done() and future.exception() is None and future.result().fields is None
+            for _, future in self.in_flight
             if isinstance(future, Future)
         )
 
@@ -259,11 +301,14 @@ class _ScopeRun:
         hook = getattr(self.plan.callables, _HOOK_ATTRIBUTES[name])
         call_hook(self.trigger.name, name, hook, *args)
 
-    def _complete(self, outcome: StreamOutcome, context: Fields) -> StreamResult | None:
+    def _complete(
+        self, outcome: StreamOutcome, context: Fields, *, stopping: bool = False
+    ) -> StreamResult | None:
         """In stream order: persist, record, call hooks, then deliver or note the failure.
 
         The first failure under ``on_error="raise"`` stops the scheduling of new streams;
-        the streams already in flight still complete (and persist) before it is raised.
+        the streams already in flight still complete (and persist) before it is raised. While
+        the run is ``stopping``, a stream is only persisted and recorded.
         """
         if self.plan.callables.persist is not None:
             persist_stream(self.plan, outcome, context)
@@ -274,6 +319,8 @@ class _ScopeRun:
         if self.progress is not None:
             self.progress.update(record, total)
         if fields is not None:
+            if stopping:
+                return None
             results = fields[self.plan.field]
             if self.sink is not None:
                 self.sink.write(results)
@@ -284,36 +331,54 @@ class _ScopeRun:
             if self.plan.config.incremental:
                 self._hook("on_stream_complete", num, total, results)
             return StreamResult(num, total, results)
-        error = outcome.error
+        failure = outcome.failure
+        error = failure.error if failure is not None else None
         assert error is not None
         self._call_state("record_failure", num, context[self.plan.field], error)
+        if stopping:
+            return None
         self._hook("on_stream_error", num, total, error, Context(context))
         if self.plan.config.on_error == "raise" and self.failure is None:
-            shown = f"{num}/{total}" if total is not None else str(num)
-            agent_names = {agent.name for agent in self.plan.agents}
-            where = (
-                f"Agent '{outcome.step}'"
-                if outcome.step in agent_names
-                else f"Scope of agent '{self.trigger.name}', {outcome.step}"
-            )
-            failure = BatchExecutionError(
-                f"{where}, stream {shown}, field '{self.plan.field}': "
-                f"{type(error).__name__}: {error} (after {outcome.attempts} attempt(s)). "
-                "Completed streams are in .partial_results; use retries= or "
-                "on_error='continue' to go on past failing streams.",
-                batch_number=num,
-                total_batches=total,
-                original_error=error,
-                partial_results={},
-            )
-            self.failure = failure
+            self.failure = self._failure(outcome, error)
         return None
 
-    def _merge(self) -> dict[str, Any]:
+    def _failure(self, outcome: StreamOutcome, error: Exception) -> BatchExecutionError:
+        num, total = outcome.stream_num, self.cutter.total
+        shown = f"{num}/{total}" if total is not None else str(num)
+        failure = outcome.failure
+        assert failure is not None
+        step = failure.step
+        agent_names = {agent.name for agent in self.plan.agents}
+        where = (
+            f"Agent '{step}'"
+            if step in agent_names
+            else f"Scope of agent '{self.trigger.name}', {step}"
+        )
+        attempts = f"{failure.count} attempt(s)"
+        if failure is outcome.persisted:
+            attempts += " to persist"
+        return BatchExecutionError(
+            f"{where}, stream {shown}, field '{self.plan.field}': "
+            f"{type(error).__name__}: {error} (after {attempts}). "
+            "Completed streams are in .partial_results; use retries= or "
+            "on_error='continue' to go on past failing streams.",
+            batch_number=num,
+            total_batches=total,
+            original_error=error,
+            partial_results={},
+        )
+
+    def _merge(self, *, final: bool) -> dict[str, Any]:
+        """The merged context; with a sink, the sink is finished first (published when
+        ``final``, kept as partial output otherwise) and the field reads it back."""
         where = f"Agent '{self.trigger.name}'"
         field = self.plan.field
         if self.sink is None:
             return merge_outputs(self.base, field, self.outputs, self.cutter.schema, where)
+        if final:
+            self.sink.close()
+        else:
+            self.sink.abort()
         empty = self.cutter.schema.empty_table()
         outputs = [(num, {**fields, field: empty}) for num, fields in self.outputs]
         merged = merge_outputs(self.base, field, outputs, self.cutter.schema, where)
@@ -321,15 +386,121 @@ class _ScopeRun:
         return merged
 
     def _finish(self) -> dict[str, Any]:
-        merged = self._merge()
-        if not self.plan.config.incremental and self.outputs:
+        merged = self._merge(final=True)
+        if not self.plan.config.incremental and self.recorder.records:
+            # Called once the streams ran, even when every one failed (then with no rows).
             total = self.cutter.total
-            self._hook("on_stream_complete", total, total, merged[self.plan.field])
+            field = self.plan.field
+            # With a sink, the hook reads a reader of its own: the result's stays unread.
+            results = (
+                merged[field] if self.sink is None else self.sink.read_back(self.cutter.schema)
+            )
+            self._hook("on_stream_complete", total, total, results)
         return merged
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _stop(self, error: BaseException) -> BaseException:
+        """Stop the streams still running, keep those completed; return what to raise."""
+        completed = [(context, future) for context, future in self.in_flight if future.done()]
+        running = [(context, future) for context, future in self.in_flight if not future.done()]
+        self.in_flight.clear()
+        self.cancelled.set()
+        self.plan.loop.cancel_all()
+        for _, future in running:
+            future.cancel()
+        interrupted = is_interrupt(error)
+        if interrupted:
+            self.status = "interrupted"
+        elif isinstance(error, GeneratorExit):
+            self.status = "stopped"
+        try:
+            self._keep(completed)
+        except BaseException as second:  # a second Ctrl-C while keeping: stop keeping
+            error.add_note(f"Keeping the completed streams was cut short: {second!r}")
+        if not interrupted:
+            return error
+        if not isinstance(error, KeyboardInterrupt | SystemExit):  # DuckDB's
+            error = _as_keyboard_interrupt(error)
+        for context, _ in running:
+            self.recorder.add(_interrupted_record(context, self.plan.field))
+        if running:
+            with suppress(BaseException):  # a second Ctrl-C: stop waiting
+                futures = [future for _, future in running if isinstance(future, Future)]
+                wait(futures, timeout=INTERRUPT_GRACE)
+        kept = [record.stream_num for record in self.recorder.records if record.is_ok]
+        error.add_note(
+            f"arrowflow: agent '{self.trigger.name}', field '{self.plan.field}' was interrupted; "
+            f"{len(kept)} completed stream(s) kept{_listed(kept)}. Run again to resume (with a "
+            "state store, done rows are skipped)."
+        )
+        # The exception itself, not a subclass: an uncaught KeyboardInterrupt then ends the
+        # process as Ctrl-C does (exit status 130); its stats ride along as an attribute.
+        setattr(error, "execution_stats", self.recorder.as_dict())  # noqa: B010
+        return error
+
+    def _keep(self, completed: Iterable[tuple[Fields, Future[StreamOutcome] | _Ran]]) -> None:
+        """Persist and record, in stream order, the streams that completed before the stop."""
+        for context, future in completed:
+            if isinstance(future, Future) and (future.cancelled() or future.exception()):
+                continue
+            self._complete(future.result(), context, stopping=True)
+
+    def _release(self, error: BaseException | None) -> None:
+        """Release the pool, the event loop, the progress bar, the sink and the state store.
+
+        Each step runs whatever happened to the ones before. With the run's own ``error``, a
+        failing step becomes a note on it; otherwise the first failure is raised once every
+        step ran, and the store records the run as failed.
+        """
+        pool, progress, sink = self.pool, self.progress, self.sink
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("the stream threads", pool.shutdown if pool is not None else _nothing),
+            ("the event loop", self.plan.loop.close),
+            ("the progress bar", progress.close if progress is not None else _nothing),
+            ("the sink", sink.abort if sink is not None else _nothing),
+            ("the state store", self._end_run),
+        ]
+        first: BaseException | None = None
+        for name, step in steps:
+            try:
+                step()
+            except BaseException as exc:
+                note = f"Releasing {name} then failed too: {type(exc).__name__}: {exc}"
+                if error is not None:
+                    error.add_note(note)
+                elif first is None:
+                    first = exc
+                    self.status = "failed"
+                else:
+                    first.add_note(note)
+        if first is not None:
+            raise first
+
+    def _end_run(self) -> None:
+        self.executor.execution_stats = self.recorder.as_dict()
+        self._call_state("end_run", self.executor.execution_stats, self.status)
+
+
+def _as_keyboard_interrupt(error: BaseException) -> KeyboardInterrupt:
+    interrupt = KeyboardInterrupt(str(error))
+    interrupt.__cause__ = error
+    return interrupt
+
+
+def _nothing() -> None:
+    return None
+
+
+def _listed(numbers: list[int], limit: int = 10) -> str:
+    if not numbers:
+        return ""
+    shown = ", ".join(map(str, numbers[:limit]))
+    return f" (streams {shown}{', ...' if len(numbers) > limit else ''})"
 
 
 class _Ran:
-    """The outcome of a stream run right here, shaped like a ``Future`` of it."""
+    """The outcome of a stream run right here, shaped like a done ``Future`` of it."""
 
     __slots__ = ("_outcome",)
 
@@ -339,18 +510,16 @@ class _Ran:
     def result(self) -> StreamOutcome:
         return self._outcome
 
+    def done(self) -> bool:
+        return True
 
-def _start(
-    pool: ThreadPoolExecutor | None, plan: StreamPlan, context: Fields
-) -> Future[StreamOutcome] | _Ran:
-    """Run a stream on the pool, or right here when streams run one at a time."""
-    if pool is None:
-        return _Ran(run_stream(plan, context))
-    return pool.submit(run_stream, plan, context)
+    def cancel(self) -> bool:
+        return False
 
 
 def _record(outcome: StreamOutcome, field: str) -> StreamRecord:
-    fields, error = outcome.fields, outcome.error
+    fields, tries = outcome.fields, outcome.tries
+    seconds = tries.seconds + outcome.persisted.seconds
     if fields is not None:
         return StreamRecord(
             outcome.stream_num,
@@ -358,18 +527,27 @@ def _record(outcome: StreamOutcome, field: str) -> StreamRecord:
             fields[field].num_rows,
             outcome.skipped,
             outcome.loaded,
-            outcome.seconds,
-            outcome.attempts,
+            seconds,
+            tries.count,
             "ok",
         )
+    failure = outcome.failure
+    error = None if failure is None else failure.error
     return StreamRecord(
         outcome.stream_num,
         outcome.rows_in,
         0,
         0,
         0,
-        outcome.seconds,
-        outcome.attempts,
+        seconds,
+        tries.count,
         "failed",
         f"{type(error).__name__}: {error}",
     )
+
+
+def _interrupted_record(context: Fields, field: str) -> StreamRecord:
+    """A stream that was running when the run was interrupted: not completed, not failed."""
+    num = context["_batch_metadata"]["batch_number"]
+    rows = context[field].num_rows
+    return StreamRecord(num, rows, 0, 0, 0, 0.0, 0, "interrupted", "KeyboardInterrupt")

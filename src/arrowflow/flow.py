@@ -7,10 +7,13 @@ a run starts, before any agent runs.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
+from arrowflow._config import STREAMING_KEYWORDS, is_misspelling
 from arrowflow.agent import Agent, AgentLike
 from arrowflow.exceptions import ConfigurationError
 from arrowflow.executor import PipelineBatchExecutor, drain, instantiate, invoke_agent
@@ -27,14 +30,97 @@ __all__ = ["Flow", "FlowStream", "Pipeline"]
 
 ENGINES = ("local",)
 
+_P = ParamSpec("_P")
+_S = TypeVar("_S")
+_R = TypeVar("_R")
 
-@dataclass(frozen=True, slots=True)
-class _RunOptions:
-    """The reserved keyword options of ``run`` and ``stream``."""
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Run:
+    """A run's initial context and its options, as :func:`_run_arguments` parsed them."""
+
+    context: dict[str, Any]
     engine: str
     progress: bool | None
     sink: Sink | None
+
+
+def _run_arguments(
+    context: Mapping[str, Any] | None = None,
+    /,
+    *,
+    engine: str = "local",
+    progress: bool | None = None,
+    sink: Sink | str | os.PathLike[str] | None = None,
+    **fields: Any,
+) -> _Run:
+    """The arguments of ``run`` and ``stream``, on flows and pipelines, defined once.
+
+    Its keyword-only parameters are the run options: a new option is added here (and to
+    :class:`_Run`), and :meth:`Flow.run` documents it.
+    """
+    return _Run({**(context or {}), **fields}, engine, progress, as_sink(sink))
+
+
+#: The run options, in the order of the signature of ``run``.
+RUN_OPTIONS = tuple(
+    name
+    for name, parameter in inspect.signature(_run_arguments).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+def _check_field_names(names: Iterable[str], call: str, *, takes_run_options: bool) -> None:
+    """Refuse keywords that look like options rather than fields; see :meth:`Flow.run`.
+
+    ``call`` names the callable in the message; ``takes_run_options`` is false for a
+    pipeline's constructor, where a run option's own name is a mistake too.
+    """
+    problems: dict[str, str] = {}
+    for name in names:
+        if name in RUN_OPTIONS:
+            if not takes_run_options:
+                problems[name] = f"'{name}' is an option of run() and stream(): pass it there"
+        elif name in STREAMING_KEYWORDS:
+            problems[name] = (
+                f"'{name}' is an option of intelligent_streaming: declare it on the streaming "
+                f"agent, @af.intelligent_streaming(..., {name}=...)"
+            )
+        else:
+            meant = [option for option in RUN_OPTIONS if is_misspelling(name, option)]
+            if meant:
+                problems[name] = f"'{name}' looks like a misspelling of the run option '{meant[0]}'"
+    if problems:
+        fields = ", ".join(f"'{name}': ..." for name in problems)
+        raise ConfigurationError(
+            f"{call}(): {'; '.join(problems.values())}. A context field with such a name goes "
+            f"in the mapping: {call}({{{fields}}})."
+        )
+
+
+def _takes_run_arguments(
+    parse: Callable[_P, _Run],
+) -> Callable[[Callable[[_S, _Run], _R]], Callable[Concatenate[_S, _P], _R]]:
+    """Give a method of a parsed :class:`_Run` the public signature of ``parse``.
+
+    Type checkers, ``help()`` and ``inspect.signature`` see ``parse``'s parameters, so the four
+    methods share one definition of the run options. Keywords are checked before parsing,
+    hence before any agent runs.
+    """
+
+    def decorate(method: Callable[[_S, _Run], _R]) -> Callable[Concatenate[_S, _P], _R]:
+        @functools.wraps(method)
+        def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            _check_field_names(kwargs, method.__name__, takes_run_options=True)
+            return method(self, parse(*args, **kwargs))
+
+        this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        parameters = [this, *inspect.signature(parse).parameters.values()]
+        signature = inspect.signature(method).replace(parameters=parameters)
+        wrapper.__signature__ = signature  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
 
 
 def _is_agent(step: object) -> bool:
@@ -96,20 +182,19 @@ class Flow:
         """The flow's streaming scopes; ``ConfigurationError`` if they nest or do not pair."""
         return BatchingScopeManager().detect_scopes(self)
 
-    def run(
-        self,
-        context: Mapping[str, Any] | None = None,
-        /,
-        *,
-        engine: str = "local",
-        progress: bool | None = None,
-        sink: Sink | str | os.PathLike[str] | None = None,
-        **fields: Any,
-    ) -> PipelineResult:
+    @_takes_run_arguments(_run_arguments)
+    def run(self, run: _Run) -> PipelineResult:
         """Run the flow on ``context`` and ``fields``; return the final context and stats.
 
+        Keywords other than the run options are context fields, except two mistakes, caught
+        before any agent runs (``ConfigurationError``): a keyword one slip away from a run
+        option (a letter added, dropped or replaced, two neighbouring letters swapped, or a
+        change of case; the first letter matching), such as ``progres=``, and a keyword naming
+        an option of ``intelligent_streaming``, such as ``max_concurrency=``. Fields with such
+        names, or with a run option's name, go in the mapping: ``run({"progres": ...})``.
+
         Args:
-            context: initial fields; use it for fields whose names are reserved run options.
+            context: initial fields, never checked as options.
             engine: ``"local"`` runs in this process.
             progress: a progress bar per scope; ``None`` shows one only in a notebook or a
                 terminal (when tqdm is installed), ``True`` always, ``False`` never.
@@ -117,49 +202,46 @@ class Flow:
                 Parquet path or an :class:`~arrowflow.ParquetSink`. The scope's field is then
                 not kept in memory: after the scope it is a ``RecordBatchReader`` over the sink.
             **fields: more initial fields.
-        """
-        options = _RunOptions(engine, progress, as_sink(sink))
-        return drain(self._execute({**(context or {}), **fields}, options))
 
-    def stream(
-        self,
-        context: Mapping[str, Any] | None = None,
-        /,
-        *,
-        engine: str = "local",
-        progress: bool | None = None,
-        sink: Sink | str | os.PathLike[str] | None = None,
-        **fields: Any,
-    ) -> FlowStream:
+        Example:
+            >>> import arrowflow as af
+            >>> class Echo(af.Agent):
+            ...     def call(self, context):
+            ...         return None
+            >>> af.Flow(Echo).run(progres=True)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            arrowflow.exceptions.ConfigurationError: run(): 'progres' looks like a misspelling ...
+            >>> af.Flow(Echo).run({"progres": True})["progres"]
+            True
+        """
+        return drain(self._execute(run))
+
+    @_takes_run_arguments(_run_arguments)
+    def stream(self, run: _Run) -> FlowStream:
         """Iterate the results of the first scope's streams, in order, as they complete.
 
         Takes the arguments of :meth:`run`. The agents after the scope run when the iterator
         is exhausted; its ``.result`` is then the :class:`PipelineResult`. Stopping early
         (``break``, ``close()``) stops the run: no later agent runs.
         """
-        options = _RunOptions(engine, progress, as_sink(sink))
-        return FlowStream(self._execute({**(context or {}), **fields}, options))
+        return FlowStream(self._execute(run))
 
-    def _execute(
-        self, context: dict[str, Any], options: _RunOptions
-    ) -> Generator[StreamResult, None, PipelineResult]:
+    def _execute(self, run: _Run) -> Generator[StreamResult, None, PipelineResult]:
         """Check the options and the scopes now, then return the run as a generator."""
-        if options.engine not in ENGINES:
+        if run.engine not in ENGINES:
             raise ConfigurationError(
-                f"Unknown engine {options.engine!r}; available: {', '.join(ENGINES)}."
+                f"Unknown engine {run.engine!r}; available: {', '.join(ENGINES)}."
             )
         agents = [instantiate(agent) for agent in self.agents]
         manager = BatchingScopeManager()
         manager.detect_scopes(agents)
-        return self._run(agents, manager, context, options)
+        return self._run(agents, manager, run)
 
     @staticmethod
     def _run(
-        agents: list[Agent],
-        manager: BatchingScopeManager,
-        context: dict[str, Any],
-        options: _RunOptions,
+        agents: list[Agent], manager: BatchingScopeManager, run: _Run
     ) -> Generator[StreamResult, None, PipelineResult]:
+        context = run.context
         scopes = manager.scopes
         starts = {id(scope.trigger_agent): scope for scope in scopes}
         skip = {id(agent) for agent in manager.agents_to_skip()}
@@ -170,7 +252,7 @@ class Flow:
             if scope is not None:
                 executor = PipelineBatchExecutor(scope)
                 batches = executor.iter_batches(
-                    context, progress=options.progress, sink=options.sink if first else None
+                    context, progress=run.progress, sink=run.sink if first else None
                 )
                 context = (yield from batches) if first else drain(batches)
                 first = False
@@ -217,8 +299,11 @@ class FlowStream(Iterator[StreamResult]):
 class Pipeline:
     """A named flow with its initial context.
 
-    Subclasses set ``flow``; the constructor takes the initial context as keyword arguments.
-    The flow's scopes are checked when the subclass is defined and when it is constructed.
+    Subclasses set ``flow``; the constructor takes the initial context, as a mapping and as
+    keyword arguments. The keywords are checked like those of :meth:`Flow.run`, and a run
+    option's own name is refused too (``Sum(progress=True)``: pass it to ``run()``); a field
+    with such a name goes in the mapping, ``Sum({"progress": ...})``. The flow's scopes are
+    checked when the subclass is defined and when it is constructed.
 
     Example:
         >>> import arrowflow as af
@@ -247,37 +332,23 @@ class Pipeline:
             )
         return flow if isinstance(flow, Flow) else Flow(flow)
 
-    def __init__(self, **context: Any) -> None:
+    def __init__(self, context: Mapping[str, Any] | None = None, /, **fields: Any) -> None:
+        _check_field_names(fields, type(self).__name__, takes_run_options=False)
         self._flow().scopes()
-        self.context: dict[str, Any] = context
+        self.context: dict[str, Any] = {**(context or {}), **fields}
 
-    def run(
-        self,
-        context: Mapping[str, Any] | None = None,
-        /,
-        *,
-        engine: str = "local",
-        progress: bool | None = None,
-        sink: Sink | str | os.PathLike[str] | None = None,
-        **fields: Any,
-    ) -> PipelineResult:
+    @_takes_run_arguments(_run_arguments)
+    def run(self, run: _Run) -> PipelineResult:
         """Like :meth:`Flow.run`, on the constructor's context updated with the arguments."""
-        merged = {**self.context, **(context or {}), **fields}
-        return self._flow().run(merged, engine=engine, progress=progress, sink=sink)
+        return drain(self._flow()._execute(self._updated(run)))
 
-    def stream(
-        self,
-        context: Mapping[str, Any] | None = None,
-        /,
-        *,
-        engine: str = "local",
-        progress: bool | None = None,
-        sink: Sink | str | os.PathLike[str] | None = None,
-        **fields: Any,
-    ) -> FlowStream:
+    @_takes_run_arguments(_run_arguments)
+    def stream(self, run: _Run) -> FlowStream:
         """Like :meth:`Flow.stream`, on the constructor's context updated with the arguments."""
-        merged = {**self.context, **(context or {}), **fields}
-        return self._flow().stream(merged, engine=engine, progress=progress, sink=sink)
+        return FlowStream(self._flow()._execute(self._updated(run)))
+
+    def _updated(self, run: _Run) -> _Run:
+        return dataclasses.replace(run, context={**self.context, **run.context})
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._flow()!r})"

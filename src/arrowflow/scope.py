@@ -12,15 +12,20 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from arrowflow._tabular import describe, is_tabular, to_table, to_table_or_reader
-from arrowflow.agent import AgentLike, agent_class
+from arrowflow.agent import Agent, AgentLike, agent_class
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
+    from arrowflow._config import StreamingConfig
     from arrowflow.flow import Flow
 
 __all__ = ["BatchingScope", "BatchingScopeManager", "same_agent"]
+
+
+def _is_agent(value: object) -> bool:
+    return isinstance(value, Agent) or (isinstance(value, type) and issubclass(value, Agent))
 
 
 def same_agent(a: AgentLike, b: AgentLike) -> bool:
@@ -37,7 +42,8 @@ class BatchingScope:
     """The agents that run once per stream, from a trigger to its terminator.
 
     Built without validating (``is_valid()`` says whether it can run), so that tools can
-    describe partial flows.
+    describe partial flows; a scope without a trigger agent (``BatchingScope(None)``) is not
+    valid, and running it is a ``ConfigurationError``.
 
     Args:
         trigger_agent: the agent starting the scope.
@@ -48,7 +54,7 @@ class BatchingScope:
 
     def __init__(
         self,
-        trigger_agent: AgentLike,
+        trigger_agent: AgentLike | None,
         ending_agent: AgentLike | None = None,
         chunk_size: int | None = None,
         array_field: str | None = None,
@@ -57,19 +63,25 @@ class BatchingScope:
         self.ending_agent = ending_agent
         self._chunk_size = chunk_size
         self._array_field = array_field
-        self.agents: list[AgentLike] = [trigger_agent]
+        self.agents: list[AgentLike] = [] if trigger_agent is None else [trigger_agent]
 
     @property
     def trigger_name(self) -> str:
         """The trigger agent's name, used in every message about this scope."""
-        return self.trigger_agent.name
+        return "None" if self.trigger_agent is None else self.trigger_agent.name
+
+    def _streaming(self) -> StreamingConfig | None:
+        trigger = self.trigger_agent
+        if not _is_agent(trigger):
+            return None
+        return agent_class(trigger)._streaming  # type: ignore[arg-type]
 
     @property
     def chunk_size(self) -> int | None:
         """Rows per stream: the constructor's value, else the trigger's ``stream_size``."""
         if self._chunk_size is not None:
             return self._chunk_size
-        config = agent_class(self.trigger_agent)._streaming
+        config = self._streaming()
         return None if config is None else config.stream_size
 
     @property
@@ -77,7 +89,7 @@ class BatchingScope:
         """The streamed field if fixed: the constructor's value, else the trigger's ``over``."""
         if self._array_field is not None:
             return self._array_field
-        config = agent_class(self.trigger_agent)._streaming
+        config = self._streaming()
         return None if config is None else config.over
 
     def add_agent(self, agent: AgentLike) -> None:
@@ -143,8 +155,10 @@ class BatchingScope:
         return to_table(self.get_source(context))
 
     def is_valid(self) -> bool:
-        """Whether the scope can run: a positive stream size and no trigger or terminator
-        among its members other than the trigger itself."""
+        """Whether the scope can run: a trigger agent, a positive stream size and no trigger or
+        terminator among its members other than the trigger itself."""
+        if not _is_agent(self.trigger_agent):
+            return False
         size = self.chunk_size
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             return False
@@ -198,7 +212,14 @@ class BatchingScopeManager:
 
     def find_scope_for_agent(self, agent: AgentLike) -> BatchingScope | None:
         """The scope ``agent`` triggers, else ``None``."""
-        return next((s for s in self.scopes if same_agent(s.trigger_agent, agent)), None)
+        return next(
+            (
+                scope
+                for scope in self.scopes
+                if scope.trigger_agent is not None and same_agent(scope.trigger_agent, agent)
+            ),
+            None,
+        )
 
     def in_batching_scope(self, agent: AgentLike) -> bool:
         """Whether ``agent`` triggers a scope or runs inside one."""

@@ -28,7 +28,8 @@ STREAMS_SCHEMA = pa.schema(
 
 @dataclass(slots=True)
 class StreamRecord:
-    """What happened to one stream. ``rows_out`` is 0 and ``error`` set when it failed."""
+    """What happened to one stream: ``status`` is ``"ok"``, ``"failed"`` (``rows_out`` 0,
+    ``error`` set) or ``"interrupted"`` (running when the run was interrupted)."""
 
     stream_num: int
     rows_in: int
@@ -56,13 +57,16 @@ class StatsRecorder:
         self.records.append(record)
 
     def as_dict(self, *, finished: bool = True) -> dict[str, Any]:
-        """The ``execution_stats`` mapping (DESIGN §6); ``end_time`` is ``None`` while running."""
+        """The ``execution_stats`` mapping; ``end_time`` is ``None`` while running."""
         ok = [r for r in self.records if r.is_ok]
-        columns = [[getattr(r, name) for r in self.records] for name in STREAMS_SCHEMA.names]
+        failed = sum(r.status == "failed" for r in self.records)
+        # In stream order: an interrupted run records the streams it kept before those it cut.
+        records = sorted(self.records, key=lambda r: r.stream_num)
+        columns = [[getattr(r, name) for r in records] for name in STREAMS_SCHEMA.names]
         return {
             "total_batches": len(self.records),
             "successful_batches": len(ok),
-            "failed_batches": len(self.records) - len(ok),
+            "failed_batches": failed,
             "total_items": sum(r.rows_in for r in self.records),
             "processed_items": sum(r.rows_in - r.skipped for r in ok),
             "skipped_items": sum(r.skipped for r in ok),

@@ -181,3 +181,82 @@ def test_rows_whose_key_is_not_in_the_input_come_after_the_keyed_rows() -> None:
     result = af.Flow(Expand).run(companies=companies)["companies"]
 
     assert result["id"].to_pylist() == [3, 2, 1, 99]
+
+
+@pytest.mark.parametrize("form", ["array", "chunked"])
+def test_a_null_in_the_skip_mask_means_keep(form: str) -> None:
+    companies = pa.table({"id": [0, 1, 2, 3, 4, 5], "employees": [50] * 6})
+    flags = [True, None, False, None, True, False]
+    mask: Any = {
+        "array": pa.array(flags, pa.bool_()),
+        "chunked": pa.chunked_array([flags[:3], flags[3:]], pa.bool_()),
+    }[form]
+    processed: list[list[Any]] = []
+    skipped: list[list[Any]] = []
+
+    def load_existing(rows: pa.Table, context: Any) -> pa.Table:
+        skipped.append(rows["id"].to_pylist())
+        return rows.slice(0, 0)
+
+    @af.intelligent_streaming(
+        stream_size=10,
+        over="companies",
+        key="id",
+        skip_if=lambda batch, context: mask,
+        load_existing=load_existing,
+    )
+    class Record(af.Agent):
+        def call(self, context: Any) -> None:
+            processed.append(context["companies"]["id"].to_pylist())
+
+    result = af.Flow(Record).run(companies=companies)
+
+    assert processed == [[1, 2, 3, 5]]
+    assert skipped == [[0, 4]]
+    assert result["companies"]["id"].to_pylist() == [1, 2, 3, 5]
+    assert result.stats[0]["skipped_items"] == 2
+
+
+class RecordingState(DictState):
+    """A ``DictState`` that keeps the tables ``persist_each_stream`` and ``load_existing`` saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.persisted_tables: list[tuple[pa.Table, pa.Table]] = []
+        self.loaded_keys: list[list[Any]] = []
+
+    def load_existing(self, skipped: pa.Table, context: Any) -> pa.Table:
+        loaded = super().load_existing(skipped, context)
+        self.loaded_keys.append(loaded[self.key].to_pylist())
+        return loaded
+
+    def persist_each_stream(self, results: pa.Table, context: Any) -> None:
+        self.persisted_tables.append((results, context[self.field]))
+        super().persist_each_stream(results, context)
+
+
+@pytest.mark.parametrize("key", ["id", None], ids=["key", "no_key"])
+@pytest.mark.parametrize("build", [keyword_agent, method_agent], ids=["keywords", "methods"])
+def test_persist_never_receives_the_loaded_rows(
+    build: Builder, key: str | None, seen: list[list[Any]]
+) -> None:
+    companies = shuffled_companies(30)
+    state = RecordingState()
+    done_before = pc.less(companies["id"], 20)
+    af.Flow(build(state, seen, key=key)).run(companies=companies.filter(done_before))
+    state.persisted_tables.clear()
+
+    result = af.Flow(build(state, seen, key=key)).run(companies=companies)
+
+    loaded = [keys for keys in state.loaded_keys if keys]
+    assert len(loaded) == 3, "every stream of the rerun loads rows"
+    new_rows = companies.filter(pc.invert(done_before))
+    assert len(state.persisted_tables) == 3
+    for results, inputs in state.persisted_tables:
+        assert set(inputs["id"].to_pylist()) <= set(range(20, 30))
+        assert results.equals(score(inputs))
+    persisted = pa.concat_tables([results for results, _ in state.persisted_tables])
+    assert persisted.equals(score(new_rows))
+    assert sorted(result["companies"]["id"].to_pylist()) == sorted(
+        score(companies)["id"].to_pylist()
+    )

@@ -369,3 +369,153 @@ def test_skip_if_from_several_threads_agrees_with_one(
         masks = list(pool.map(lambda batch: store.skip_if(batch, {}), batches))
     store.end_run({}, "ok")
     assert pa.chunked_array(masks).to_pylist() == is_done.to_pylist()
+
+
+# -- scopes of several agents -----------------------------------------------------------------
+
+
+def scope_agent(column: str) -> type[af.Agent]:
+    """An agent for after the trigger: adds ``column = score + 1``; its class is ``column``."""
+
+    class Second(af.Agent):
+        def call(self, context: Any) -> dict[str, pa.Table]:
+            rows = context["companies"]
+            return {"companies": rows.append_column(column, pc.add(rows["score"], 1))}
+
+    return type(column.title(), (Second,), {})
+
+
+def terminator_named(name: str) -> type[af.Agent]:
+    """An ``ends_batching`` agent that changes nothing, whose class is ``name``."""
+
+    class End(af.Agent):
+        def call(self, context: Any) -> None:
+            return None
+
+    return af.ends_batching(type(name, (End,), {}))
+
+
+def with_column(table: pa.Table, column: str) -> pa.Table:
+    """What ``scope_agent(column)`` adds to ``table``."""
+    return table.append_column(column, pc.add(table["score"], 1))
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["table", "reader"])
+def test_changing_a_later_agent_of_the_scope_reprocesses_every_key(
+    state_path: str,
+    lazy: bool,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    companies = make_companies(300)
+    store = make_store(state_path)
+    first = (scoring_agent(store, 100) >> scope_agent("tier")).run(companies=companies)
+    assert first["companies"].equals(with_column(expected_scores(companies), "tier"))
+    calls.clear()
+
+    source: Any = reader_of(companies) if lazy else companies
+    result = (scoring_agent(store, 100) >> scope_agent("band")).run(companies=source)
+
+    assert called_keys(calls) == companies["id"].to_pylist()
+    expected = with_column(expected_scores(companies), "band")
+    assert result["companies"].equals(expected)
+    assert store.to_arrow().select(expected.column_names).equals(expected)
+    fingerprints = store.runs()["fingerprint"].to_pylist()
+    assert len(set(fingerprints)) == 2
+
+
+def test_a_multi_agent_scope_resumes_where_it_stopped(
+    state_path: str,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    companies = make_companies(1000)
+    store = make_store(state_path)
+
+    def flow(end: str) -> af.Flow:
+        return scoring_agent(store, 100) >> scope_agent("tier") >> terminator_named(end)
+
+    first = flow("End").run(companies=companies.slice(0, 700))["companies"]
+    calls.clear()
+
+    # The terminator is outside the scope: another one leaves the done keys valid.
+    result = flow("OtherEnd").run(companies=companies)
+
+    assert called_keys(calls) == list(range(700, 1000))
+    expected = with_column(expected_scores(companies), "tier")
+    assert result["companies"].equals(expected)
+    assert result["companies"].slice(0, 700).equals(first)
+    assert store.to_arrow().equals(expected)
+    assert result.stats[0]["skipped_items"] == 700
+    calls.clear()
+
+    again = flow("End").run(companies=companies)
+
+    assert calls == []
+    assert again["companies"].equals(expected)
+
+
+# -- keys in increasing order: the fast path of the duplicate check --------------------------
+
+
+def _sorted_ids_with_duplicate(where: str, n: int = 250) -> tuple[list[int], int]:
+    """``n`` increasing keys, one of them twice (at the start, in stream 2, at the end)."""
+    ids = list(range(n - 1))
+    twice = {"start": 0, "middle": 149, "end": n - 2}[where]
+    return [*ids[: twice + 1], twice, *ids[twice + 1 :]], twice
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_a_duplicate_in_sorted_keys_is_refused_before_any_agent_runs(
+    tmp_path: Path,
+    where: str,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    ids, twice = _sorted_ids_with_duplicate(where)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids) - 1
+    companies = make_companies(250).set_column(0, "id", pa.array(ids, pa.int64()))
+    store = make_store(tmp_path / "state.duckdb")
+
+    with pytest.raises(af.ExecutionError, match="1 duplicate") as info:
+        run(scoring_agent(store, 100), companies=companies)
+
+    assert calls == []
+    assert "'id'" in str(info.value)
+    assert f"{twice} (2 times)" in str(info.value)
+    assert not store.is_open
+
+
+@pytest.mark.parametrize(("where", "stream"), [("start", 1), ("middle", 2), ("end", 3)])
+def test_a_duplicate_in_sorted_keys_of_a_reader_fails_its_stream(
+    tmp_path: Path,
+    where: str,
+    stream: int,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    ids, _ = _sorted_ids_with_duplicate(where)
+    companies = make_companies(250).set_column(0, "id", pa.array(ids, pa.int64()))
+    store = make_store(tmp_path / "state.duckdb")
+
+    with pytest.raises(af.BatchExecutionError) as info:
+        run(scoring_agent(store, 100), companies=reader_of(companies))
+
+    assert info.value.batch_number == stream
+    assert isinstance(info.value.original_error, af.ExecutionError)
+    assert "duplicate" in str(info.value.original_error)
+    assert len(calls) == stream - 1
+    if stream == 1:
+        with pytest.raises(af.ExecutionError, match="no results yet"):
+            store.to_arrow()
+    else:
+        assert store.to_arrow()["id"].to_pylist() == ids[: 100 * (stream - 1)]

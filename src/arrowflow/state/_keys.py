@@ -1,4 +1,9 @@
-"""Checks on the key column of a state store's input, vectorised."""
+"""Checks on the key column of a state store's input, vectorised.
+
+Keys are compared by value: a dictionary-encoded key column (a pandas ``Categorical``, a polars
+``Categorical``) is decoded first, so two codes of one value are one key, whatever the order of
+the categories.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arrowflow._tabular import decoded
 from arrowflow.exceptions import ExecutionError
 
 __all__ = ["check_keys", "key_column"]
@@ -30,6 +36,7 @@ def check_keys(keys: pa.ChunkedArray, key: str, where: str) -> None:
 
     Keys already in increasing order are checked in one comparison; otherwise by hashing.
     """
+    keys = decoded(keys)
     if keys.null_count:
         nulls = keys.null_count
         rows = _listed(pc.indices_nonzero(pc.is_null(keys))[:_SHOWN].to_pylist(), nulls)

@@ -7,6 +7,10 @@ The done-keys table holds one row per key that has anything stored: ``fp`` is th
 fingerprint the key was done under, or ``0`` for a key that only has result rows (an agent
 returned a row whose key was not in its input). So "no done row" means "nothing stored", which
 lets a run skip the deletes of an upsert for keys it knows to be new.
+
+Dictionary-encoded columns are stored decoded (DuckDB reads an Arrow dictionary as its values),
+so keys match by value across runs whatever their codes; the Arrow schema kept beside the table
+encodes them again on the way out (:meth:`ResultTable.restore_types`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arrowflow._tabular import decoded
 from arrowflow.exceptions import ExecutionError
 from arrowflow.state._layout import (
     SCHEMA,
@@ -160,7 +165,8 @@ class ResultTable:
             views[_KEYS_VIEW] = pa.table({"key": keys})
             keys_sql = f"SELECT key FROM {_KEYS_VIEW}"
             if storable and results.num_rows:
-                outside = pc.invert(pc.is_in(results[self.key], value_set=keys))
+                # By value: Arrow wants a plain value set, and codes differ between encodings.
+                outside = pc.invert(pc.is_in(results[self.key], value_set=decoded(keys)))
                 if pc.any(outside).as_py():
                     extra = pa.table({"key": pc.unique(results[self.key].filter(outside))})
                     views[_EXTRA_VIEW] = extra
@@ -245,6 +251,7 @@ class ResultTable:
                 continue
             old_type = columns[stored_name]
             if old_type == new_type or new_type == "NULL":
+                arrow = _with_wider_dictionary(arrow, stored_name, field)
                 continue
             if old_type != "NULL":
                 raise ExecutionError(
@@ -278,8 +285,17 @@ class ResultTable:
                 f"SELECT key, fp FROM {self.done_sql} WHERE key IN (SELECT key FROM {_KEYS_VIEW})"
             ).to_arrow_table()
 
-    def load(self, con: duckdb.DuckDBPyConnection, fp: int, keys: pa.ChunkedArray) -> pa.Table:
-        """The stored rows of those of ``keys`` done under ``fp``, in the order they were stored."""
+    def load(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        fp: int,
+        keys: pa.ChunkedArray,
+        like: pa.Table | None = None,
+    ) -> pa.Table:
+        """The stored rows of those of ``keys`` done under ``fp``, in the order they were stored.
+
+        ``like``: the input rows they stand for (see :meth:`restore_types`).
+        """
         if self._shape is None:
             return pa.table({self.key: keys.slice(0, 0)})
         key = quote(self.key)
@@ -290,23 +306,31 @@ class ResultTable:
                 "ORDER BY r.rowid",
                 params=[fp],
             ).to_arrow_table()
-        return self.restore_types(loaded)
+        return self.restore_types(loaded, like)
 
-    def restore_types(self, table: pa.Table) -> pa.Table:
-        """``table`` (read from DuckDB) with the column types the agents produced."""
+    def restore_types(self, table: pa.Table, like: pa.Table | None = None) -> pa.Table:
+        """``table`` (read from DuckDB) with the column types the agents produced.
+
+        A column stored as a dictionary that ``like`` (the input rows the stored rows stand
+        for) also holds as a dictionary is encoded with ``like``'s dictionary and index type
+        when it has every value: a passed-through ``Categorical`` then comes back exactly as
+        this run's agents return it, codes included. Other dictionary columns are encoded
+        anew. A column that cannot take its stored type keeps the type it was read with.
+        """
         if self._shape is None:
             return table
         stored = self._shape.arrow
         fields = []
-        for name in table.column_names:
+        columns = []
+        for name, column in zip(table.column_names, table.columns, strict=True):
             index = stored.get_field_index(name)
             field = stored.field(index) if index >= 0 else table.schema.field(name)
+            source = like[name] if like is not None and name in like.column_names else None
+            restored = _restored(column, field.type, source)
             # Nullable always: a schema that depended on the rows read could differ per batch.
-            fields.append(field.with_nullable(True))
-        try:
-            return table.cast(pa.schema(fields))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            return table
+            fields.append(field.with_type(restored.type).with_nullable(True))
+            columns.append(restored)
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
     def read_all(self, con: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
         """Every stored row, ordered by key (then by the order they were stored in)."""
@@ -315,6 +339,62 @@ class ResultTable:
         to_reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
         reader: pa.RecordBatchReader = to_reader()
         return reader
+
+
+def _restored(
+    column: pa.ChunkedArray, target: pa.DataType, source: pa.ChunkedArray | None
+) -> pa.ChunkedArray:
+    if (
+        source is not None
+        and pa.types.is_dictionary(target)
+        and pa.types.is_dictionary(source.type)
+    ):
+        encoded = _encoded_like(column, source)
+        if encoded is not None:
+            return encoded
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return column
+
+
+def _encoded_like(values: pa.ChunkedArray, source: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """``values`` encoded with the dictionary and index type of ``source``, or ``None`` when
+    that dictionary lacks some of them."""
+    if source.num_chunks == 0:
+        return None
+    kind = source.type
+    # Slices of one input share its dictionary; otherwise one that holds every chunk's values.
+    chunks = source.chunks if source.num_chunks == 1 else source.unify_dictionaries().chunks
+    dictionary = chunks[0].dictionary
+    try:
+        positions = pc.index_in(values.cast(dictionary.type), value_set=dictionary)
+        indices = positions.cast(kind.index_type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
+    if indices.null_count != values.null_count:
+        return None
+    return pa.chunked_array(
+        [
+            pa.DictionaryArray.from_arrays(chunk, dictionary, ordered=kind.ordered)
+            for chunk in indices.chunks
+        ],
+        type=kind,
+    )
+
+
+def _with_wider_dictionary(arrow: pa.Schema, name: str, field: pa.Field) -> pa.Schema:
+    """``arrow`` whose dictionary column ``name`` takes ``field``'s index type if it is wider,
+    so that every stored value fits the type it is read back with."""
+    index = arrow.get_field_index(name)
+    if index < 0:
+        return arrow
+    old, new = arrow.field(index).type, field.type
+    if not (pa.types.is_dictionary(old) and pa.types.is_dictionary(new)):
+        return arrow
+    if new.value_type != old.value_type or new.index_type.bit_width <= old.index_type.bit_width:
+        return arrow
+    return arrow.set(index, arrow.field(index).with_type(new))
 
 
 def _merge_schemas(current: pa.Schema, stored: pa.Schema) -> pa.Schema:

@@ -111,8 +111,13 @@ class Resume:
         expected = keys.filter(self.mask[start : start + len(keys)])
         return len(expected) == len(skipped) and expected.equals(skipped)
 
-    def stored_rows(self, start: int, length: int, table: ResultTable) -> pa.Table | None:
-        """The stored rows of the done keys among input rows ``start`` to ``start + length``."""
+    def stored_rows(
+        self, start: int, length: int, table: ResultTable, like: pa.Table | None = None
+    ) -> pa.Table | None:
+        """The stored rows of the done keys among input rows ``start`` to ``start + length``.
+
+        ``like``: the input rows they stand for (see :meth:`ResultTable.restore_types`).
+        """
         if self._rows is None or self._positions is None:
             return None
         bounds = pa.array([start, start + length], pa.int64())
@@ -121,7 +126,7 @@ class Resume:
         if part[_ROWID].null_count:  # done keys the agents filtered out: no stored row
             part = part.filter(pc.is_valid(part[_ROWID]))
         part = part.drop_columns([_POS, _FP, _ROWID])
-        return table.restore_types(part)
+        return table.restore_types(part, like)
 
 
 def _address(chunk: pa.Array) -> int | None:

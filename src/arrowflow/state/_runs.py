@@ -70,6 +70,8 @@ class Run:
     table: ResultTable
     run_id: int | None = None
     started_at: datetime | None = None
+    # The scope_id of the run's streams: calls from another run's streams are refused.
+    scope_id: str | None = None
     resume: Resume | None = None
     # Streams of a lazy input whose keys are in the seen table (duplicates across streams).
     seen: set[int] | None = None

@@ -1,6 +1,6 @@
 """What a state store provides, and what the executor tells it about a run.
 
-A store passed as ``state=`` supplies the three vectorised state callables (DESIGN §5). It may
+A store passed as ``state=`` supplies the three vectorised state callables. It may
 also follow the run's lifecycle: the executor calls each method below when the store has it.
 
 - ``begin_run(scope, source)`` once, after the streamed field is known and before any agent
@@ -9,8 +9,13 @@ also follow the run's lifecycle: the executor calls each method below when the s
 - ``record_failure(stream_num, batch, error)`` for each stream that failed after its retries:
   ``batch`` holds the stream's input rows, never marked done.
 - ``end_run(stats, status)`` once when the run ends, whatever the outcome (``status`` is
-  ``"ok"``, ``"failed"`` or ``"stopped"``), with the scope's ``execution_stats``; a store
-  releases its database here. It is called even when ``begin_run`` itself raised.
+  ``"ok"``, ``"failed"``, ``"stopped"`` (``stream()`` closed early) or ``"interrupted"``
+  (Ctrl-C)), with the scope's ``execution_stats``; a store releases its database here. It is
+  called even when ``begin_run`` itself raised.
+
+``persist_each_stream`` and ``record_failure`` are only ever called from the thread that runs
+the scope, in stream order; ``skip_if`` and ``load_existing`` may be called from several
+streams' threads at once.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class ScopeInfo:
         key: the key column, if known (the ``key=`` option or the store's own).
         schema: the input's schema.
         trigger: the trigger agent's name, for messages.
+        scope_id: the ``scope_id`` of this run's streams (in their ``_batch_metadata``): a
+            store can refuse calls from streams of a run that has ended.
     """
 
     agents: tuple[str, ...]
@@ -43,11 +50,12 @@ class ScopeInfo:
     key: str | None
     schema: pa.Schema
     trigger: str
+    scope_id: str | None = None
 
 
 @runtime_checkable
 class StateStore(Protocol):
-    """The three vectorised state callables of DESIGN §5."""
+    """The three vectorised state callables: skip what is done, load it, persist what is new."""
 
     def skip_if(self, batch: pa.Table, context: Mapping[str, Any]) -> Any:
         """A boolean mask over ``batch``'s rows: ``True`` for rows already done."""

@@ -1,4 +1,4 @@
-"""``DuckDBState``: vectorised, resumable state for a streaming scope, kept in DuckDB (DESIGN §5).
+"""``DuckDBState``: vectorised, resumable state for a streaming scope, kept in DuckDB.
 
 The store skips the rows whose key is already done (an anti-join), loads their stored results
 (a semi-join) and persists each stream's new results together with its done keys (an upsert,
@@ -19,6 +19,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arrowflow._tabular import value_type
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 from arrowflow.state._keys import check_keys, key_column
 from arrowflow.state._layout import SCHEMA, duck_types, open_database, registered, transaction
@@ -119,6 +120,8 @@ class DuckDBState:
         self._run: Run | None = None
         self._loose: dict[str | None, Run] = {}
         self._fingerprint: str | None = None
+        # The scope_id of every run that ended: their abandoned streams are refused.
+        self._ended: set[str | None] = set()
 
     def __repr__(self) -> str:
         return f"DuckDBState(path={self.path!r}, table={self.table!r}, key={self.key!r})"
@@ -194,7 +197,7 @@ class DuckDBState:
                 "started_at) VALUES (?, ?, ?, ?, 'running', ?)",
                 [run_id, self.table, fp, key, started],
             )
-        run = Run(scope.field, key, fp, fp_id, table, run_id, started)
+        run = Run(scope.field, key, fp, fp_id, table, run_id, started, scope_id=scope.scope_id)
         run.checked_all = source is not None
         if source is not None and source.num_rows:
             run.resume = Resume.fetch(con, table, fp_id, source[key])
@@ -235,6 +238,8 @@ class DuckDBState:
         """Record the run and its streams, then release the database (a file is closed)."""
         with self._lock:
             run, self._run = self._run, None
+            if run is not None and run.scope_id is not None:
+                self._ended.add(run.scope_id)
             con = self._con
             try:
                 if run is not None and run.run_id is not None and con is not None:
@@ -270,7 +275,7 @@ class DuckDBState:
         if stream is not None:
             run.checked.add(stream)
         with self._lock:
-            con = self._connection()
+            con = self._connection(run)
             if run.seen is not None:
                 check_seen(con, run, keys, context, where)
             stored = run.table.stored_keys(con, keys)
@@ -278,7 +283,8 @@ class DuckDBState:
         only_mine = stored.num_rows == 0 or pc.all(mine).as_py()
         if stream is not None and only_mine and run.table.is_keyed_alone:
             run.fresh_streams.add(stream)
-        done = stored["key"].filter(mine).cast(keys.type)
+        # Plain values: a dictionary key matches them by value, and its codes might overflow.
+        done = stored["key"].filter(mine).cast(value_type(keys.type))
         return pc.is_in(keys, value_set=done).combine_chunks()
 
     def load_existing(self, skipped: pa.Table, context: Mapping[str, Any]) -> pa.Table:
@@ -291,10 +297,10 @@ class DuckDBState:
             piece_keys = piece[run.key]
             start = resume.locate(piece_keys)
             if start is not None and resume.is_done_slice(start, piece_keys, keys):
-                rows = resume.stored_rows(start, len(piece_keys), run.table)
+                rows = resume.stored_rows(start, len(piece_keys), run.table, skipped)
                 return rows if rows is not None else pa.table({run.key: keys.slice(0, 0)})
         with self._lock:
-            return run.table.load(self._connection(), run.fp_id, keys)
+            return run.table.load(self._connection(run), run.fp_id, keys, skipped)
 
     def persist_each_stream(self, results: pa.Table, context: Mapping[str, Any]) -> None:
         """Upsert ``results`` and mark the stream's processed input keys done, atomically.
@@ -315,7 +321,7 @@ class DuckDBState:
         fresh = run.fresh and stream in run.fresh_streams
         unique = run.checked_all or stream in run.checked
         with self._lock:
-            con = self._connection()
+            con = self._connection(run)
             if run.table.upsert(con, run.fp_id, results, keys, fresh=fresh, unique=unique):
                 # A row stored under a key outside the stream's input: a later stream may
                 # have that key, so its upsert must delete.
@@ -365,7 +371,13 @@ class DuckDBState:
             where += f", stream {meta['batch_number']}"
         return where
 
-    def _connection(self) -> duckdb.DuckDBPyConnection:
+    def _connection(self, run: Run | None = None) -> duckdb.DuckDBPyConnection:
+        """The open database (opened if needed); for a call of ``run``, only while it lasts.
+
+        Called under the lock: a stream abandoned by its run must never reopen the file.
+        """
+        if run is not None and run.run_id is not None and run is not self._run:
+            raise _ended(self._where(run.field))
         if self._con is None:
             self._con = open_database(self.path)
         return self._con
@@ -406,11 +418,17 @@ class DuckDBState:
         return found
 
     def _current(self, context: Mapping[str, Any], sample: pa.Table) -> Run:
-        """The run in progress, or — for callables used outside a run — one for the field."""
+        """The run in progress, or — for callables used outside a run — one for the field.
+
+        A stream of a run that has ended (abandoned after a timeout or an interrupt) is
+        refused: it must never reopen the database nor write to it.
+        """
+        meta = context.get("_batch_metadata")
+        if isinstance(meta, dict) and meta.get("scope_id") in self._ended:
+            raise _ended(self._where(None, context))
         run = self._run
         if run is not None:
             return run
-        meta = context.get("_batch_metadata")
         field = meta.get("array_field") if isinstance(meta, dict) else None
         with self._lock:
             loose = self._loose.get(field)
@@ -462,3 +480,10 @@ class DuckDBState:
             finally:
                 if opened:
                     self._release()
+
+
+def _ended(where: str) -> ExecutionError:
+    return ExecutionError(
+        f"{where}: the run this stream belongs to has ended (abandoned after a timeout or an "
+        "interrupt); nothing of it is read or stored any more."
+    )

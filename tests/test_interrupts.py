@@ -1,0 +1,285 @@
+"""Ctrl-C stops a run promptly and keeps what is done (DESIGN §4 "Interrupts").
+
+Each case runs a real pipeline in a subprocess that receives a real SIGINT while one stream is
+blocked (in an agent, in a DuckDB statement, with ``on_error="continue"``, with retries, with a
+stuck agent among concurrent streams). The process must exit with a ``KeyboardInterrupt``
+within 2 s plus the grace period, leave the state file released with the run recorded as
+``interrupted``, leave no complete-looking output, and a rerun must resume and return what an
+uninterrupted run returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import arrowflow as af
+from arrowflow.executor import INTERRUPT_GRACE
+from arrowflow.state import DuckDBState
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery is POSIX")
+
+STREAM_SIZE = 50
+ROWS = 1000
+BLOCK_AT = 5
+WAIT = 60.0  # generous bound on anything the test waits for
+
+PIPELINE = f"""
+import json
+import sys
+import threading
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import arrowflow as af
+from arrowflow.state import DuckDBState
+
+state_path, out_path, log_path, ready_path, stats_path, mode, block = sys.argv[1:8]
+block_at = int(block)
+blocked = threading.Event()
+
+
+class SlowStore(DuckDBState):
+    def persist_each_stream(self, results, context):
+        stream = context["_batch_metadata"]["batch_number"]
+        if mode == "duckdb" and stream == block_at and not blocked.is_set():
+            blocked.set()
+            Path(ready_path).write_text("in a DuckDB statement")
+            # A statement that runs until SIGINT interrupts it.
+            duckdb.sql("select sum(hash(range)) from range(100000000000)").fetchall()
+        super().persist_each_stream(results, context)
+
+
+store = SlowStore(state_path, table="enriched", key="id")
+options = dict(state=store)
+if mode == "continue":
+    options.update(on_error="continue")
+elif mode == "retries":
+    options.update(retries=3, backoff=0)
+elif mode == "stuck":
+    options.update(max_concurrency=4)
+
+
+@af.intelligent_streaming(stream_size={STREAM_SIZE}, over="companies", **options)
+class Enrich(af.Agent):
+    def call(self, context):
+        rows = context["companies"]
+        stream = context["_batch_metadata"]["batch_number"]
+        with open(log_path, "a") as log:
+            log.write(json.dumps(rows["id"].to_pylist()) + "\\n")
+        if mode != "duckdb" and stream == block_at:
+            if mode == "stuck":
+                # Stuck in a worker thread, out of reach of SIGINT, until the process ends.
+                Path(ready_path).write_text("stuck")
+                threading.Event().wait(600)
+            else:
+                Path(ready_path).write_text("blocked")
+                threading.Event().wait({WAIT})
+        kept = rows.filter(pc.not_equal(pc.remainder(rows["id"], 7), 0))
+        return {{"companies": kept.append_column("score", pc.multiply(kept["id"], 3))}}
+
+
+class Total(af.Agent):
+    def call(self, context):
+        return {{"rows": context["companies"].num_rows}}
+
+
+ids = pa.array([(i * 379) % {ROWS} for i in range({ROWS})], pa.int64())
+companies = pa.table({{"id": ids, "name": pc.cast(ids, pa.string())}})
+try:
+    result = (Enrich >> Total).run(companies=companies, sink=out_path, progress=False)
+except KeyboardInterrupt as interrupted:
+    streams = interrupted.execution_stats["streams"]
+    Path(stats_path).write_text(json.dumps(streams.to_pydict()))
+    raise
+"""
+
+
+def input_ids() -> list[int]:
+    return [(i * 379) % ROWS for i in range(ROWS)]
+
+
+def logged_ids(log: Path) -> list[int]:
+    if not log.exists():
+        return []
+    return [key for line in log.read_text().splitlines() for key in json.loads(line)]
+
+
+class Case:
+    """One pipeline's files in a temporary directory."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        root.mkdir(exist_ok=True)
+        self.script = root / "pipeline.py"
+        self.script.write_text(PIPELINE)
+        self.state = root / f"{name}.duckdb"
+        self.out = root / f"{name}.parquet"
+        self.log = root / f"{name}.log"
+        self.ready = root / f"{name}.ready"
+        self.stats = root / f"{name}.stats.json"
+
+    def command(self, mode: str, block_at: int) -> list[str]:
+        files = (self.state, self.out, self.log, self.ready, self.stats)
+        return [sys.executable, str(self.script), *map(str, files), mode, str(block_at)]
+
+    def run(self, mode: str) -> None:
+        done = subprocess.run(
+            self.command(mode, 0), capture_output=True, text=True, timeout=WAIT, check=False
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def interrupt(case: Case, mode: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Start the pipeline, wait until it blocks, send SIGINT; the process and its exit delay."""
+    process = subprocess.Popen(
+        case.command(mode, BLOCK_AT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while not case.ready.exists():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "the pipeline never reached the blocking stream"
+            time.sleep(0.02)  # polling a file another process writes; not synchronisation
+        if mode == "stuck":
+            # Let the streams started with the stuck one complete, so that some are kept.
+            _wait_for_lines(case.log, BLOCK_AT + 3, process)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=WAIT)
+        elapsed = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=WAIT)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err), elapsed
+
+
+def _wait_for_lines(log: Path, lines: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + WAIT
+    while len(log.read_text().splitlines()) < lines:
+        assert process.poll() is None
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def runs_of(state: Path) -> list[tuple[Any, ...]]:
+    with duckdb.connect(str(state)) as con:  # read-write: the file must not be locked
+        return con.sql("select run_id, status from arrowflow.runs order by run_id").fetchall()
+
+
+def kept_streams(state: Path, run_id: int) -> list[int]:
+    with duckdb.connect(str(state), read_only=True) as con:
+        rows = con.sql(
+            "select stream_num from arrowflow.streams where run_id = ? and status = 'ok' "
+            "order by stream_num",
+            params=[run_id],
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
+    case = Case(tmp_path_factory.mktemp("uninterrupted"), "fresh")
+    case.run("agent")
+    return pq.read_table(case.out)
+
+
+@pytest.mark.parametrize("mode", ["agent", "duckdb", "continue", "retries", "stuck"])
+def test_ctrl_c_stops_the_run_and_a_rerun_resumes(
+    tmp_path: Path, mode: str, uninterrupted: pa.Table
+) -> None:
+    case = Case(tmp_path, mode)
+    done, elapsed = interrupt(case, mode)
+
+    assert done.returncode == -signal.SIGINT, done.stderr  # died of KeyboardInterrupt
+    assert "KeyboardInterrupt" in done.stderr
+    assert "completed stream(s) kept" in done.stderr
+    assert elapsed < 2 + INTERRUPT_GRACE, f"took {elapsed:.2f}s to stop"
+
+    # The store is released, the run recorded as interrupted, completed streams kept.
+    assert runs_of(case.state) == [(1, "interrupted")]
+    kept = kept_streams(case.state, 1)
+    streams = json.loads(case.stats.read_text())
+    statuses = dict(zip(streams["stream_num"], streams["status"], strict=True))
+    assert [num for num, status in statuses.items() if status == "ok"] == kept
+    assert "failed" not in streams["status"]  # an interrupt is never a stream failure
+    if mode == "stuck":
+        assert kept == [1, 2, 3, 4, 6, 7, 8]  # done before the interrupt, stream 5 still stuck
+        assert streams["status"][4] == "interrupted"
+    else:
+        assert kept == list(range(1, BLOCK_AT))
+    called = logged_ids(case.log)
+    if mode == "retries":
+        assert called.count(input_ids()[(BLOCK_AT - 1) * STREAM_SIZE]) == 1  # never retried
+
+    # No complete-looking output: only the partial file.
+    assert not case.out.exists()
+    assert Path(f"{case.out}.partial").exists()
+
+    case.log.unlink()
+    case.run(mode)
+    done_keys = {k for n in kept for k in input_ids()[(n - 1) * STREAM_SIZE : n * STREAM_SIZE]}
+    assert not done_keys & set(logged_ids(case.log)), "a kept stream was processed again"
+    assert pq.read_table(case.out).equals(uninterrupted)
+    assert runs_of(case.state) == [(1, "interrupted"), (2, "ok")]
+
+
+# ---------------------------------------------------------------- in process, real SIGINT
+
+
+def test_abandoned_streams_never_reopen_the_store(tmp_path: Path) -> None:
+    """A stream stuck when Ctrl-C comes is abandoned: when it lets go, it is not retried and
+    never reopens the state file."""
+    store = DuckDBState(tmp_path / "state.duckdb", table="t", key="id")
+    release, stuck = threading.Event(), threading.Event()
+    calls: dict[int, int] = {}
+
+    @af.intelligent_streaming(10, over="rows", state=store, max_concurrency=2, retries=3)
+    class Work(af.Agent):
+        def call(self, context: Any) -> dict[str, Any]:
+            stream = context["_batch_metadata"]["batch_number"]
+            calls[stream] = calls.get(stream, 0) + 1
+            if stream == 1:
+                stuck.set()
+                release.wait(WAIT)
+                raise ConnectionError("failed after the run ended: must not be retried")
+            if stream == 2:
+                assert stuck.wait(WAIT)
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while stream 1 is stuck
+                release.wait(WAIT)  # completes only after the run was interrupted
+            return {"rows": context["rows"]}
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        af.Flow(Work).run(rows=pa.table({"id": range(40)}), progress=False)
+    assert type(caught.value) is KeyboardInterrupt
+    assert not store.is_open
+
+    release.set()
+    for thread in threading.enumerate():
+        if thread.name.startswith("arrowflow-stream"):
+            thread.join(WAIT)
+    assert calls[1] == 1
+    assert not store.is_open
+    with duckdb.connect(str(tmp_path / "state.duckdb")) as con:  # not locked
+        assert con.sql("select status from arrowflow.runs").fetchall() == [("interrupted",)]
+    stats = caught.value.execution_stats
+    assert stats["streams"]["status"].to_pylist() == ["interrupted", "interrupted"]
+    assert store.runs()["status"].to_pylist() == ["interrupted"]
