@@ -522,7 +522,7 @@ class TestFunctionalAgent:
         def count_rows(value):
             return 42
 
-        with pytest.raises(af.ExecutionError, match="count_rows"):
+        with pytest.raises(af.ConfigurationError, match="count_rows"):
             (passthrough >> count_rows).run(value=1)
 
     def test_composes_with_class_agents(self, passthrough) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ["EventLoop", "is_awaitable"]
 
 # How long closing a loop waits for its coroutines to handle their cancellation.
-_CLOSE_WAIT = 1.0
+_CLOSE_WAIT = 0.25
 
 
 def is_awaitable(value: Any) -> bool:

@@ -128,7 +128,7 @@ def _attempt(
     todo, loaded, mask, skipped = piece, None, None, None
     if callables.skip_if is not None:
         attempt.enter("skip_if")
-        mask = _as_mask(callables.skip_if(piece, Context(context)), piece)
+        mask = _as_mask(callables.skip_if(piece, Context(context)), piece, plan, context)
         todo = piece.filter(pc.invert(mask))
         if callables.load_existing is not None and todo.num_rows < piece.num_rows:
             attempt.enter("load_existing")
@@ -200,12 +200,13 @@ def _persist(
     return True
 
 
-def _as_mask(mask: Any, piece: pa.Table) -> Any:
+def _as_mask(mask: Any, piece: pa.Table, plan: StreamPlan, context: Fields) -> Any:
     """A boolean Arrow array from ``skip_if``'s result (Arrow or numpy); nulls mean keep."""
     array = mask if isinstance(mask, pa.Array | pa.ChunkedArray) else pa.array(mask)
     if not pa.types.is_boolean(array.type) or len(array) != piece.num_rows:
         raise ConfigurationError(
-            f"skip_if must return a boolean mask of {piece.num_rows} values, got "
+            f"Agent '{plan.agents[0].name}', stream {_number(context)}: skip_if must return a "
+            f"boolean mask of {piece.num_rows} values (one per row of the stream), got "
             f"{len(array)} values of type {array.type}."
         )
     return pc.fill_null(array, pa.scalar(False)) if array.null_count else array

@@ -468,7 +468,7 @@ class _FunctionAgent(Agent):
             return {writes: value}
         if isinstance(writes, tuple) and isinstance(value, tuple) and len(value) == len(writes):
             return dict(zip(writes, value, strict=True))
-        raise ExecutionError(
+        raise ConfigurationError(
             f"Agent '{self.name}' returned {type(value).__name__}: return a mapping of fields, "
             "or declare the fields it writes with @af.agent(writes='field') (a tuple of names "
             "for a returned tuple)."

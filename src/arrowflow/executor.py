@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from arrowflow._async import EventLoop
 from arrowflow._config import StreamingConfig
-from arrowflow._invoke import Callables, Fields, check_agents, instantiate, invoke_agent
+from arrowflow._invoke import Callables, Fields, check_agents, instantiate
 from arrowflow._merge import merge_outputs
 from arrowflow._retry import is_interrupt
 from arrowflow._slicing import StreamCutter
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from arrowflow.io import Sink
     from arrowflow.scope import BatchingScope
 
-__all__ = ["INTERRUPT_GRACE", "PipelineBatchExecutor", "drain", "instantiate", "invoke_agent"]
+__all__ = ["INTERRUPT_GRACE", "PipelineBatchExecutor", "drain"]
 
 #: Seconds an interrupted run waits for its running streams to stop before returning anyway.
 INTERRUPT_GRACE = 1.0
@@ -223,7 +223,7 @@ class _ScopeRun:
             )
             yield from self._run_streams()
             if self.failure is not None:
-                self.failure.partial_results = self._merge(final=False)
+                self._gather_partial_results(self.failure)
                 raise self.failure from self.failure.original_error
             merged = self._finish()
             self.status = "ok"
@@ -384,6 +384,14 @@ class _ScopeRun:
         merged = merge_outputs(self.base, field, outputs, self.cutter.schema, where)
         merged[field] = self.sink.read_back(self.cutter.schema)
         return merged
+
+    def _gather_partial_results(self, failure: BatchExecutionError) -> None:
+        try:
+            failure.partial_results = self._merge(final=False)
+        except Exception as exc:  # the stream's failure is what the run raises
+            failure.add_note(
+                f"Its partial results could not be gathered: {type(exc).__name__}: {exc}"
+            )
 
     def _finish(self) -> dict[str, Any]:
         merged = self._merge(final=True)

@@ -14,9 +14,10 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from arrowflow._config import STREAMING_KEYWORDS, is_misspelling
+from arrowflow._invoke import check_agents, instantiate, invoke_agent
 from arrowflow.agent import Agent, AgentLike
 from arrowflow.exceptions import ConfigurationError
-from arrowflow.executor import PipelineBatchExecutor, drain, instantiate, invoke_agent
+from arrowflow.executor import PipelineBatchExecutor, drain
 from arrowflow.io import as_sink
 from arrowflow.results import PipelineResult, StreamResult
 from arrowflow.scope import BatchingScope, BatchingScopeManager
@@ -233,6 +234,7 @@ class Flow:
                 f"Unknown engine {run.engine!r}; available: {', '.join(ENGINES)}."
             )
         agents = [instantiate(agent) for agent in self.agents]
+        check_agents(agents)
         manager = BatchingScopeManager()
         manager.detect_scopes(agents)
         return self._run(agents, manager, run)
