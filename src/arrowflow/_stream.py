@@ -8,8 +8,9 @@ out, interrupted) can never write to the state store.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -56,6 +57,20 @@ class StreamPlan:
     callables: Callables
     loop: EventLoop
     cancelled: threading.Event
+    # Per agent, the last schema it returned that had no view type: the same schema again
+    # (stream after stream) is taken without looking into it.
+    plain_schemas: dict[int, pa.Schema] = dataclasses.field(default_factory=dict)
+
+    def as_plain_table(self, index: int, table: pa.Table) -> pa.Table:
+        """``table`` with view types normalised (see :mod:`arrowflow._tabular`)."""
+        schema = table.schema
+        known = self.plain_schemas.get(index)
+        if known is not None and schema.equals(known):
+            return table
+        plain = without_views(table)
+        if plain is table:
+            self.plain_schemas[index] = schema
+        return plain
 
     def retry(
         self,
@@ -94,8 +109,8 @@ class StreamOutcome:
 
     stream_num: int
     rows_in: int
-    tries: Tries = field(default_factory=Tries)
-    persisted: Tries = field(default_factory=Tries)
+    tries: Tries = dataclasses.field(default_factory=Tries)
+    persisted: Tries = dataclasses.field(default_factory=Tries)
     fields: Fields | None = None
     processed: pa.Table | None = None
     produced: pa.Table | None = None
@@ -138,13 +153,13 @@ def _attempt(
     processed = todo
     if todo.num_rows:
         current = {**context, field: todo}
-        for agent in plan.agents:
+        for index, agent in enumerate(plan.agents):
             attempt.enter(agent.name)
             fields = invoke_agent(agent, current, plan.loop, attempt)
-            if field in fields:
-                value = fields[field]
+            value = fields.get(field, current[field])
+            if value is not current[field]:
                 table = (
-                    without_views(value)
+                    plan.as_plain_table(index, value)
                     if type(value) is pa.Table
                     else as_table(agent, value, field, f"stream {_number(context)}")
                 )
