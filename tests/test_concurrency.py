@@ -477,6 +477,9 @@ class _CountingSink:
     def close(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass
+
     def read_back(self, schema: pa.Schema) -> pa.RecordBatchReader:
         return pa.RecordBatchReader.from_batches(schema, [])
 

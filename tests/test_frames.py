@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import arrowflow as af
+from arrowflow._row_counts import known_num_rows, reader_with_num_rows
+from arrowflow._tabular import to_table_or_reader
 
 SECTORS = ["software", "retail", "energy"]
 VIEW_TYPES = ("string_view", "binary_view", "list_view")
@@ -325,3 +327,14 @@ def test_a_table_with_views_returned_by_an_agent_is_normalised() -> None:
     assert result["companies"]["id"].to_pylist() == [
         row["id"] for row in _records(23) if row["employees"] >= 30
     ]
+
+
+def test_a_reader_normalised_at_the_boundary_keeps_its_row_count() -> None:
+    batch = pa.record_batch({"s": pa.array(["a", "b", "c"], pa.string_view())})
+    reader = reader_with_num_rows(batch.schema, [batch, batch], 6)
+
+    normalised = to_table_or_reader(reader)
+
+    assert normalised is not reader
+    assert normalised.schema.field("s").type == pa.large_string()
+    assert known_num_rows(normalised) == 6

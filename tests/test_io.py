@@ -17,7 +17,6 @@ import pytest
 import arrowflow as af
 from arrowflow._row_counts import carry_num_rows, known_num_rows
 from arrowflow._slicing import StreamCutter
-from arrowflow.io import as_sink
 
 
 def _evens(table: pa.Table) -> pa.Table:
@@ -734,35 +733,22 @@ def test_a_killed_run_leaves_no_complete_looking_output(tmp_path) -> None:
     assert (tmp_path / "out.parquet.partial").exists()
 
 
-def test_a_sink_without_abort_is_closed_when_the_run_fails(make_companies) -> None:
-    """Sinks written before abort existed keep working: they are closed whatever happens."""
+def test_a_sink_without_abort_is_refused_before_any_agent_runs(make_companies) -> None:
+    calls: list[int] = []
 
     class OldSink:
-        def __init__(self) -> None:
-            self.events: list[str] = []
+        def write(self, table: pa.Table) -> None: ...
 
-        def write(self, table: pa.Table) -> None:
-            self.events.append(f"write {table.num_rows}")
-
-        def close(self) -> None:
-            self.events.append("close")
+        def close(self) -> None: ...
 
         def read_back(self, schema: pa.Schema) -> pa.RecordBatchReader:
             return pa.RecordBatchReader.from_batches(schema, [])
 
     @af.intelligent_streaming(5, over="companies")
-    class FailSecond(af.Agent):
+    class Work(af.Agent):
         def call(self, context: Any) -> None:
-            if context["_batch_metadata"]["batch_number"] == 2:
-                raise RuntimeError("boom")
+            calls.append(1)
 
-    old = OldSink()
-    sink = as_sink(old)
-    assert isinstance(sink, af.io.Sink)
-    sink.abort()
-    assert old.events == ["close"]
-    old.events.clear()
-    with pytest.raises(af.BatchExecutionError):
-        af.Flow(FailSecond).run(companies=make_companies(15), sink=old)
-    assert old.events[0] == "write 5"
-    assert "close" in old.events
+    with pytest.raises(af.ConfigurationError, match="OldSink lacks abort"):
+        af.Flow(Work).run(companies=make_companies(15), sink=OldSink())
+    assert calls == []

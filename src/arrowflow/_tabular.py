@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arrowflow._row_counts import carry_num_rows
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -157,7 +159,9 @@ def _reader_without_views(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
     schema = _schema_without_views(reader.schema)
     if schema is None:
         return reader
-    return pa.RecordBatchReader.from_batches(schema, _batches_without_views(reader, schema))
+    wrapped = pa.RecordBatchReader.from_batches(schema, _batches_without_views(reader, schema))
+    carry_num_rows(reader, wrapped)
+    return wrapped
 
 
 def _batches_without_views(

@@ -185,7 +185,9 @@ class Agent(metaclass=_AgentMeta):
             backoff: seconds before the first retry, doubled at each attempt, with jitter;
                 ``0`` retries at once. Default ``1.0``.
             timeout: seconds allowed per stream attempt; an overrun is a ``TimeoutError``.
-                Default ``None``: no limit.
+                An ``async def`` agent is cancelled at the deadline; a plain one cannot be
+                killed, so its thread is abandoned: it stops before its next step and never
+                writes to the state store or the sink. Default ``None``: no limit.
             on_error: ``"raise"`` (default) raises ``BatchExecutionError`` once a stream has
                 failed; ``"continue"`` records the failure and goes on with the next streams.
 

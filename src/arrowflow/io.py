@@ -358,38 +358,17 @@ class ParquetSink:
 
 
 def as_sink(sink: object) -> Sink | None:
-    """The sink a run option names: a path means a :class:`ParquetSink`.
-
-    An object written before :meth:`Sink.abort` existed (``write``, ``close`` and
-    ``read_back`` only) is closed when the run does not succeed, as it was then.
-    """
+    """The sink a run option names: a path means a :class:`ParquetSink`."""
     if sink is None or isinstance(sink, Sink):
         return sink
     if isinstance(sink, str | PathLike):
         return ParquetSink(sink)
-    if all(callable(getattr(sink, name, None)) for name in ("write", "close", "read_back")):
-        return _ClosedOnAbort(sink)
+    missing = [
+        name
+        for name in ("write", "close", "abort", "read_back")
+        if not callable(getattr(sink, name, None))
+    ]
     raise ConfigurationError(
-        f"sink= takes a Parquet path or an object with write, close, abort and read_back, got "
-        f"{type(sink).__name__}."
+        f"sink= takes a Parquet path or an object with write, close, abort and read_back; "
+        f"{type(sink).__name__} lacks {', '.join(missing)}."
     )
-
-
-class _ClosedOnAbort:
-    """A sink without ``abort``, closed whatever the run's outcome."""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
-
-    def write(self, table: pa.Table) -> None:
-        self.sink.write(table)
-
-    def close(self) -> None:
-        self.sink.close()
-
-    def abort(self) -> None:
-        self.sink.close()
-
-    def read_back(self, schema: pa.Schema) -> pa.RecordBatchReader:
-        reader: pa.RecordBatchReader = self.sink.read_back(schema)
-        return reader
