@@ -10,6 +10,7 @@ uninterrupted run returns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ BLOCK_AT = 5
 WAIT = 60.0  # generous bound on anything the test waits for
 
 PIPELINE = f"""
+import asyncio
 import json
 import sys
 import threading
@@ -283,3 +285,71 @@ def test_abandoned_streams_never_reopen_the_store(tmp_path: Path) -> None:
     stats = caught.value.execution_stats
     assert stats["streams"]["status"].to_pylist() == ["interrupted", "interrupted"]
     assert store.runs()["status"].to_pylist() == ["interrupted"]
+
+
+def test_ctrl_c_cancels_running_coroutines(make_companies) -> None:
+    cancelled, started = threading.Event(), threading.Event()
+
+    @af.intelligent_streaming(10, over="companies", max_concurrency=2)
+    class Fetch(af.Agent):
+        async def call(self, context: Any) -> None:
+            stream = context["_batch_metadata"]["batch_number"]
+            if stream == 1:
+                started.set()
+                try:
+                    await asyncio.Event().wait()  # an API call that never answers
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+            else:
+                assert started.wait(WAIT)
+                os.kill(os.getpid(), signal.SIGINT)
+                await asyncio.Event().wait()
+
+    with pytest.raises(KeyboardInterrupt):
+        af.Flow(Fetch).run(companies=make_companies(40), progress=False)
+    assert cancelled.is_set()  # cancelled before the run returned, within its grace period
+
+
+def test_system_exit_in_a_stream_stops_the_run_as_an_interrupt(make_companies, tmp_path) -> None:
+    store = DuckDBState(tmp_path / "state.duckdb", table="t", key="id")
+    calls: list[int] = []
+
+    @af.intelligent_streaming(
+        10, over="companies", state=store, max_concurrency=2, retries=3, on_error="continue"
+    )
+    class Work(af.Agent):
+        def call(self, context: Any) -> None:
+            stream = context["_batch_metadata"]["batch_number"]
+            calls.append(stream)
+            if stream == 2:
+                sys.exit(3)
+
+    with pytest.raises(SystemExit) as caught:
+        af.Flow(Work).run(companies=make_companies(50), progress=False)
+    assert caught.value.code == 3
+    assert calls.count(2) == 1
+    assert store.runs()["status"].to_pylist() == ["interrupted"]
+    assert not store.is_open
+
+
+def test_ctrl_c_in_the_body_of_a_stream_loop_is_an_interrupt(make_companies, tmp_path) -> None:
+    store = DuckDBState(tmp_path / "state.duckdb", table="t", key="id")
+
+    @af.intelligent_streaming(10, over="companies", state=store)
+    class Work(af.Agent):
+        def call(self, context: Any) -> None:
+            return None
+
+    with (
+        pytest.raises(KeyboardInterrupt) as caught,
+        af.Flow(Work).stream(companies=make_companies(50)) as parts,
+    ):
+        for part in parts:
+            if part.stream_num == 2:
+                raise KeyboardInterrupt  # Ctrl-C while the caller handles stream 2
+
+    assert store.runs()["status"].to_pylist() == ["interrupted"]
+    assert not store.is_open
+    assert "2 completed stream(s) kept" in "".join(caught.value.__notes__)
+    assert store.to_arrow()["id"].to_pylist() == list(range(20))

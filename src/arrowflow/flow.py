@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from arrowflow._config import STREAMING_KEYWORDS, is_misspelling
 from arrowflow._invoke import check_agents, instantiate, invoke_agent
+from arrowflow._retry import is_interrupt
 from arrowflow.agent import Agent, AgentLike
 from arrowflow.exceptions import ConfigurationError
 from arrowflow.executor import PipelineBatchExecutor, drain
@@ -24,6 +25,7 @@ from arrowflow.scope import BatchingScope, BatchingScopeManager
 
 if TYPE_CHECKING:
     import os
+    from types import TracebackType
 
     from arrowflow.io import Sink
 
@@ -271,7 +273,11 @@ class Flow:
 
 
 class FlowStream(Iterator[StreamResult]):
-    """The iterator returned by ``stream()``; ``.result`` is set once it is exhausted."""
+    """The iterator returned by ``stream()``; ``.result`` is set once it is exhausted.
+
+    As a context manager it stops the run when the block ends; a Ctrl-C in the block stops it
+    as an interrupt (the completed streams are kept, the run is recorded as ``interrupted``).
+    """
 
     def __init__(self, run: Generator[StreamResult, None, PipelineResult]) -> None:
         self._run = run
@@ -294,8 +300,20 @@ class FlowStream(Iterator[StreamResult]):
     def __enter__(self) -> FlowStream:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if error is None or not is_interrupt(error):
+            self.close()
+            return
+        try:
+            self._run.throw(error)
+        except BaseException as raised:
+            if raised is not error:
+                raise
 
 
 class Pipeline:
