@@ -341,13 +341,14 @@ def test_ctrl_c_in_the_body_of_a_stream_loop_is_an_interrupt(make_companies, tmp
         def call(self, context: Any) -> None:
             return None
 
-    with (
-        pytest.raises(KeyboardInterrupt) as caught,
-        af.Flow(Work).stream(companies=make_companies(50)) as parts,
-    ):
-        for part in parts:
-            if part.stream_num == 2:
-                raise KeyboardInterrupt  # Ctrl-C while the caller handles stream 2
+    def consume() -> None:
+        with af.Flow(Work).stream(companies=make_companies(50)) as parts:
+            for part in parts:
+                if part.stream_num == 2:
+                    raise KeyboardInterrupt  # Ctrl-C while the caller handles stream 2
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        consume()
 
     assert store.runs()["status"].to_pylist() == ["interrupted"]
     assert not store.is_open
