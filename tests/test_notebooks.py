@@ -26,3 +26,11 @@ def test_notebook_runs(path: Path) -> None:
     assert not [output for output in outputs if output.get("output_type") == "error"]
     printed = "".join(output.get("text", "") for output in outputs)
     assert "stream 1/" in printed
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_notebook_is_committed_with_its_outputs(path: Path) -> None:
+    notebook = nbformat.read(path, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code
+    assert all(cell.execution_count is not None for cell in code), "run it and save the outputs"
