@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -51,9 +52,15 @@ import pyarrow.compute as pc
 import arrowflow as af
 from arrowflow.state import DuckDBState
 
-state_path, out_path, log_path, ready_path, stats_path, mode, block = sys.argv[1:8]
+state_path, out_path, log_path, stats_path, mode, block = sys.argv[1:7]
 block_at = int(block)
 blocked = threading.Event()
+
+
+def say(line):
+    # Tells the test where the run is, on stdout: one write, so threads never mix lines.
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
 
 
 class SlowStore(DuckDBState):
@@ -61,7 +68,7 @@ class SlowStore(DuckDBState):
         stream = context["_batch_metadata"]["batch_number"]
         if mode == "duckdb" and stream == block_at and not blocked.is_set():
             blocked.set()
-            Path(ready_path).write_text("in a DuckDB statement")
+            say("blocked")
             # A statement that runs until SIGINT interrupts it.
             duckdb.sql("select sum(hash(range)) from range(100000000000)").fetchall()
         super().persist_each_stream(results, context)
@@ -85,15 +92,13 @@ class Enrich(af.Agent):
         with open(log_path, "a") as log:
             log.write(json.dumps(rows["id"].to_pylist()) + "\\n")
         if mode != "duckdb" and stream == block_at:
-            if mode == "stuck":
-                # Stuck in a worker thread, out of reach of SIGINT, until the process ends.
-                Path(ready_path).write_text("stuck")
-                threading.Event().wait(600)
-            else:
-                Path(ready_path).write_text("blocked")
-                threading.Event().wait({WAIT})
+            say("blocked")
+            # Stuck: in stuck mode in a worker thread, out of reach of SIGINT.
+            threading.Event().wait(600 if mode == "stuck" else {WAIT})
         kept = rows.filter(pc.not_equal(pc.remainder(rows["id"], 7), 0))
-        return {{"companies": kept.append_column("score", pc.multiply(kept["id"], 3))}}
+        result = kept.append_column("score", pc.multiply(kept["id"], 3))
+        say(f"done {{stream}}")
+        return {{"companies": result}}
 
 
 class Total(af.Agent):
@@ -132,11 +137,10 @@ class Case:
         self.state = root / f"{name}.duckdb"
         self.out = root / f"{name}.parquet"
         self.log = root / f"{name}.log"
-        self.ready = root / f"{name}.ready"
         self.stats = root / f"{name}.stats.json"
 
     def command(self, mode: str, block_at: int) -> list[str]:
-        files = (self.state, self.out, self.log, self.ready, self.stats)
+        files = (self.state, self.out, self.log, self.stats)
         return [sys.executable, str(self.script), *map(str, files), mode, str(block_at)]
 
     def run(self, mode: str) -> None:
@@ -154,15 +158,12 @@ def interrupt(case: Case, mode: str) -> tuple[subprocess.CompletedProcess[str], 
         stderr=subprocess.PIPE,
         text=True,
     )
+    # In stuck mode, the streams started with the stuck one complete first, so some are kept.
+    awaited = {"blocked"} | (
+        {f"done {BLOCK_AT + k}" for k in (1, 2, 3)} if mode == "stuck" else set()
+    )
     try:
-        deadline = time.monotonic() + WAIT
-        while not case.ready.exists():
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "the pipeline never reached the blocking stream"
-            time.sleep(0.02)  # polling a file another process writes; not synchronisation
-        if mode == "stuck":
-            # Let the streams started with the stuck one complete, so that some are kept.
-            _wait_for_lines(case.log, BLOCK_AT + 3, process)
+        _read_until(process, awaited)
         sent = time.monotonic()
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=WAIT)
@@ -174,12 +175,26 @@ def interrupt(case: Case, mode: str) -> tuple[subprocess.CompletedProcess[str], 
     return subprocess.CompletedProcess(process.args, process.returncode, out, err), elapsed
 
 
-def _wait_for_lines(log: Path, lines: int, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + WAIT
-    while len(log.read_text().splitlines()) < lines:
-        assert process.poll() is None
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+def _read_until(process: subprocess.Popen[str], awaited: set[str]) -> None:
+    """Read the pipeline's stdout until every line of ``awaited`` has come.
+
+    Straight from the file descriptor: a buffered reader could hold a line that ``select``
+    then never reports.
+    """
+    assert process.stdout is not None
+    descriptor = process.stdout.fileno()
+    missing, pending = set(awaited), b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(descriptor, selectors.EVENT_READ)
+        deadline = time.monotonic() + WAIT
+        while missing:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"never printed {missing}"
+            assert selector.select(remaining), f"never printed {missing}"
+            chunk = os.read(descriptor, 65536)
+            assert chunk, f"the pipeline ended early: {process.communicate()[1]}"
+            *lines, pending = (pending + chunk).split(b"\n")
+            missing -= {line.decode().strip() for line in lines}
 
 
 def runs_of(state: Path) -> list[tuple[Any, ...]]:

@@ -22,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from arrowflow._workers import result_of
+
 __all__ = ["EventLoop", "is_awaitable"]
 
 # How long closing a loop waits for its coroutines to handle their cancellation.
@@ -85,7 +87,7 @@ class EventLoop:
         future = asyncio.run_coroutine_threadsafe(_bounded(awaitable, timeout), self._started())
         if on_submit is not None:
             on_submit(future)
-        return future.result()
+        return result_of(future)
 
     def cancel_all(self) -> None:
         """Cancel every coroutine running on the loop (they see ``CancelledError``)."""

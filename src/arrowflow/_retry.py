@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from arrowflow._workers import POLL
 from arrowflow.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -163,8 +164,12 @@ def _call_with_timeout(
             finished.set()
 
     threading.Thread(target=target, name="arrowflow-attempt", daemon=True).start()
+    deadline = time.monotonic() + timeout
     try:
-        timely = finished.wait(timeout)
+        # In slices, so that a Ctrl-C is seen at once (see arrowflow._workers).
+        while not (timely := finished.wait(min(POLL, max(deadline - time.monotonic(), 0)))):
+            if time.monotonic() >= deadline:
+                break
     except BaseException:
         attempt.abandon()
         raise

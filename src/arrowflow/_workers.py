@@ -1,4 +1,10 @@
-"""The threads that run a scope's streams when several run at once."""
+"""The threads that run a scope's streams when several run at once, and waiting for them.
+
+The run's own thread never blocks on a lock without a timeout: a SIGINT that the kernel hands
+to another thread, or that lands just before the wait starts, sets Python's flag without waking
+it, and Ctrl-C would then go unnoticed until the stream ends. Waiting in short slices lets
+Python check for the signal between them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["DaemonPool"]
+__all__ = ["POLL", "DaemonPool", "result_of"]
+
+#: Seconds between two looks at pending signals while the run's thread waits.
+POLL = 0.05
 
 _T = TypeVar("_T")
 _Job = tuple[Future[Any], "Callable[..., Any]", tuple[Any, ...]]
@@ -74,3 +83,13 @@ def _run(future: Future[Any], function: Callable[..., Any], args: tuple[Any, ...
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def result_of(future: Future[_T]) -> _T:
+    """``future.result()``, waited for in slices of :data:`POLL` seconds (module docstring)."""
+    while True:
+        try:
+            return future.result(timeout=POLL)
+        except TimeoutError:
+            if future.done():  # the outcome itself is a TimeoutError
+                raise

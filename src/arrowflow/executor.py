@@ -39,7 +39,7 @@ from arrowflow._merge import merge_outputs
 from arrowflow._retry import is_interrupt
 from arrowflow._slicing import StreamCutter
 from arrowflow._stream import StreamOutcome, StreamPlan, persist_stream, run_stream
-from arrowflow._workers import DaemonPool
+from arrowflow._workers import DaemonPool, result_of
 from arrowflow.agent import Agent, agent_class
 from arrowflow.context import Context
 from arrowflow.exceptions import (
@@ -253,7 +253,7 @@ class _ScopeRun:
             if not in_flight:
                 return
             context, future = in_flight[0]
-            outcome = future.result()
+            outcome = result_of(future) if isinstance(future, Future) else future.result()
             in_flight.popleft()
             result = self._complete(outcome, context)
             if result is not None and self.failure is None:
