@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from arrowflow.agent import Agent
 
 __all__ = [
-    "Fields",
     "StreamOutcome",
     "StreamPlan",
     "persist_stream",
