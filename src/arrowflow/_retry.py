@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import concurrent.futures
     from collections.abc import Callable
 
+    from arrowflow._config import StreamingConfig
+
 __all__ = [
     "Attempt",
     "Cancelled",
@@ -113,10 +115,7 @@ class Tries:
 
 def with_retries(
     tries: Tries,
-    *,
-    retries: int,
-    retry_on: tuple[type[BaseException], ...],
-    backoff: float,
+    options: StreamingConfig,
     timeout: float | None,
     cancelled: threading.Event,
     work: Callable[..., _T],
@@ -124,7 +123,8 @@ def with_retries(
 ) -> _T | None:
     """``work(attempt, *args)`` until it succeeds or retries run out (see the module rules).
 
-    A failure is recorded in ``tries`` and gives ``None``.
+    ``options`` gives ``retries``, ``retry_on`` and ``backoff``. A failure is recorded in
+    ``tries`` and gives ``None``.
     """
     started = time.perf_counter()
     try:
@@ -140,8 +140,8 @@ def with_retries(
             except Exception as error:
                 if is_interrupt(error):
                     raise KeyboardInterrupt(str(error)) from error
-                retryable = isinstance(error, retry_on) and tries.count <= retries
-                if not retryable or cancelled.wait(backoff_delay(backoff, tries.count)):
+                retryable = isinstance(error, options.retry_on) and tries.count <= options.retries
+                if not retryable or cancelled.wait(backoff_delay(options.backoff, tries.count)):
                     tries.step, tries.error = attempt.step, error
                     return None
     finally:

@@ -81,17 +81,8 @@ class StreamPlan:
     ) -> Any:
         """``work(attempt, *args)`` with this scope's retry options (see :mod:`arrowflow._retry`);
         ``cancelled`` defaults to the run's."""
-        config = self.config
-        return with_retries(
-            tries,
-            retries=config.retries,
-            retry_on=config.retry_on,
-            backoff=config.backoff,
-            timeout=timeout,
-            cancelled=self.cancelled if cancelled is None else cancelled,
-            work=work,
-            args=args,
-        )
+        stop = self.cancelled if cancelled is None else cancelled
+        return with_retries(tries, self.config, timeout, stop, work, args)
 
 
 @dataclass(slots=True)
@@ -103,13 +94,14 @@ class StreamOutcome:
         processed: the input rows that went through the agents (not skipped).
         produced: the rows the agents returned for them (the loaded rows excluded).
         tries: the attempts of the agents (and state callables), and how the last failed.
-        persisted: the attempts to persist the stream, counted apart from the agents'.
+        persisted: the attempts to persist the stream, counted apart from the agents' (``None``
+            until it is persisted).
     """
 
     stream_num: int
     rows_in: int
     tries: Tries = dataclasses.field(default_factory=Tries)
-    persisted: Tries = dataclasses.field(default_factory=Tries)
+    persisted: Tries | None = None
     fields: Fields | None = None
     processed: pa.Table | None = None
     produced: pa.Table | None = None
@@ -121,7 +113,8 @@ class StreamOutcome:
         """The tries that failed the stream (the agents' or the persisting), if it failed."""
         if self.fields is not None:
             return None
-        return self.persisted if self.persisted.error is not None else self.tries
+        persisted = self.persisted
+        return persisted if persisted is not None and persisted.error is not None else self.tries
 
 
 def run_stream(plan: StreamPlan, context: Fields) -> StreamOutcome:
@@ -199,6 +192,7 @@ def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) ->
     persist_context = Context({**context, **outcome.fields, plan.field: processed})
     # No timeout: an abandoned save could still be writing when its retry starts. Not
     # cancellable: the executor persists streams that completed before an interrupt.
+    outcome.persisted = Tries()
     saved = plan.retry(
         outcome.persisted, _persist, persist, produced, persist_context, cancelled=_NEVER
     )

@@ -527,7 +527,8 @@ class _Ran:
 
 def _record(outcome: StreamOutcome, field: str) -> StreamRecord:
     fields, tries = outcome.fields, outcome.tries
-    seconds = tries.seconds + outcome.persisted.seconds
+    persisted = outcome.persisted
+    seconds = tries.seconds + (0.0 if persisted is None else persisted.seconds)
     if fields is not None:
         return StreamRecord(
             outcome.stream_num,
