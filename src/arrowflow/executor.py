@@ -196,6 +196,7 @@ class _ScopeRun:
         self.sink = sink
         self.failure: BatchExecutionError | None = None
         self.status = "failed"
+        self.began = False  # whether the store's begin_run returned: only then is end_run due
         limit = config.max_concurrency
         self.pool = DaemonPool(limit, "arrowflow-stream") if limit > 1 else None
         self.in_flight: deque[tuple[Fields, Future[StreamOutcome] | _Ran]] = deque()
@@ -218,6 +219,7 @@ class _ScopeRun:
         merged: dict[str, Any] = {}
         try:
             self._call_state("begin_run", self.scope_info, self.whole_input)
+            self.began = True
             self.progress = open_progress(
                 self.progress_option, self.trigger.name, self.cutter.total
             )
@@ -487,7 +489,8 @@ class _ScopeRun:
 
     def _end_run(self) -> None:
         self.executor.execution_stats = self.recorder.as_dict()
-        self._call_state("end_run", self.executor.execution_stats, self.status)
+        if self.began:
+            self._call_state("end_run", self.executor.execution_stats, self.status)
 
 
 def _as_keyboard_interrupt(error: BaseException) -> KeyboardInterrupt:

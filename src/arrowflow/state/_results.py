@@ -102,14 +102,20 @@ class ResultTable:
         ).fetchall()
         if found:
             stored = con.sql(
-                f"SELECT arrow_schema, key_column FROM {SCHEMA}.result_tables WHERE table_name = ?",
+                f"SELECT arrow_schema, key_column FROM {SCHEMA}.result_tables "
+                "WHERE lower(table_name) = lower(?)",
                 params=[self.name],
             ).fetchall()
+            if not stored:
+                # Created in one transaction with its metadata, a table of ours always has it.
+                raise ExecutionError(
+                    f"State table '{found[0][0]}' exists in the database but arrowflow did not "
+                    "create it (arrowflow.result_tables has no entry for it), so it is left "
+                    "untouched. Give the store another table=, or rename or drop that table."
+                )
             arrow = con.sql(f"SELECT * FROM {self.sql} LIMIT 0").to_arrow_table().schema
-            key = None
-            if stored:
-                arrow = _merge_schemas(arrow, pa.ipc.read_schema(pa.py_buffer(stored[0][0])))
-                key = None if stored[0][1] is None else str(stored[0][1])
+            arrow = _merge_schemas(arrow, pa.ipc.read_schema(pa.py_buffer(stored[0][0])))
+            key = None if stored[0][1] is None else str(stored[0][1])
             self._shape = _Shape(duck_types(con, self.sql), arrow, key)
         done = con.sql(
             "SELECT data_type FROM duckdb_columns() WHERE schema_name = ? "
@@ -273,7 +279,9 @@ class ResultTable:
 
     def _save(self, con: duckdb.DuckDBPyConnection, shape: _Shape) -> None:
         blob = bytes(shape.arrow.remove_metadata().serialize().to_pybytes())
-        con.execute(f"DELETE FROM {SCHEMA}.result_tables WHERE table_name = ?", [self.name])
+        con.execute(
+            f"DELETE FROM {SCHEMA}.result_tables WHERE lower(table_name) = lower(?)", [self.name]
+        )
         con.execute(
             f"INSERT INTO {SCHEMA}.result_tables VALUES (?, ?, ?)", [self.name, blob, shape.key]
         )

@@ -11,7 +11,8 @@ also follow the run's lifecycle: the executor calls each method below when the s
 - ``end_run(stats, status)`` once when the run ends, whatever the outcome (``status`` is
   ``"ok"``, ``"failed"``, ``"stopped"`` (``stream()`` closed early) or ``"interrupted"``
   (Ctrl-C)), with the scope's ``execution_stats``; a store releases its database here. It is
-  called even when ``begin_run`` itself raised.
+  called only when ``begin_run`` returned: a ``begin_run`` that raises cleans up after itself
+  (it may have refused the run because another one holds the store).
 
 ``persist_each_stream`` and ``record_failure`` are only ever called from the thread that runs
 the scope, in stream order; ``skip_if`` and ``load_existing`` may be called from several

@@ -45,6 +45,38 @@ __all__ = ["DuckDBState", "fingerprint"]
 logger = logging.getLogger("arrowflow")
 
 MEMORY = ":memory:"
+
+
+class _FilesInUse:
+    """The database files a run of this process holds, one run per file.
+
+    DuckDB shares one database between the connections a process opens on a file, so its file
+    lock keeps other processes out but not a second store object of this process.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, path: str, table: str) -> None:
+        if path == MEMORY:  # each in-memory store is a database of its own
+            return
+        with self._lock:
+            holder = self._holders.get(path)
+            if holder is not None:
+                raise ExecutionError(
+                    f"State database '{path}' is in use by a run of table '{holder}' in this "
+                    "process; one run at a time per file. Let that run finish, or give this "
+                    "store another path=."
+                )
+            self._holders[path] = table
+
+    def release(self, path: str) -> None:
+        with self._lock:
+            self._holders.pop(path, None)
+
+
+_files_in_use = _FilesInUse()
 _KEY_TYPE_VIEW = "arrowflow_key_type_view"
 
 
@@ -66,7 +98,10 @@ class DuckDBState:
     (``duckdb.connect(path, read_only=True)``) can read it between runs. ``":memory:"`` stays
     open until :meth:`close` (closing it discards it). State callables called outside a run
     open the database and keep it open until :meth:`close`; use the store as a context manager.
-    One run at a time per store.
+    One run at a time per store and per file: a second run fails at its start, whether it uses
+    the same store, another store on the same file (in this process) or comes from another
+    process (DuckDB's file lock). A table of the same name that arrowflow did not create is
+    refused and left untouched.
 
     Args:
         path: a database file (created if missing) or ``":memory:"``.
@@ -145,6 +180,8 @@ class DuckDBState:
     def close(self) -> None:
         """Close the database (an in-memory one is then gone)."""
         with self._lock:
+            if self._run is not None:
+                _files_in_use.release(self.path)
             self._run = None
             self._forget()
             con, self._con = self._con, None
@@ -162,8 +199,11 @@ class DuckDBState:
         """
         with self._lock:
             if self._run is not None:
-                logger.warning("%s: the previous run never ended; recording it as abandoned.", self)
-                self.end_run({}, "abandoned")
+                raise ExecutionError(
+                    f"{self}: a run of this store is in progress (started "
+                    f"{self._run.started_at:%Y-%m-%d %H:%M:%S} UTC); one run at a time per store. "
+                    "Let it finish, or close the stream() iterator it belongs to, first."
+                )
             key = scope.key or self.key
             where = self._where(scope.field)
             if key not in scope.schema.names:
@@ -172,9 +212,11 @@ class DuckDBState:
                     f"{', '.join(scope.schema.names)}). Give the store the key= of a column of "
                     "the input, or add the column before the scope."
                 )
+            _files_in_use.claim(self.path, self.table)
             try:
                 self._run = self._start(scope, key, source, where)
             except BaseException:
+                _files_in_use.release(self.path)
                 self._release()
                 raise
 
@@ -187,6 +229,8 @@ class DuckDBState:
         fp, description = fingerprint(scope.agents, scope.field, key, self.version)
         started = datetime.now(UTC)
         with transaction(con):
+            # This run holds the file: a run still marked running was killed with its process.
+            con.execute(f"UPDATE {SCHEMA}.runs SET status = 'killed' WHERE status = 'running'")
             fp_id = fingerprint_id(con, fp, description)
             table.ensure_done_table(con, key_type)
             run_id = int(
@@ -238,8 +282,10 @@ class DuckDBState:
         """Record the run and its streams, then release the database (a file is closed)."""
         with self._lock:
             run, self._run = self._run, None
-            if run is not None and run.scope_id is not None:
-                self._ended.add(run.scope_id)
+            if run is not None:
+                _files_in_use.release(self.path)
+                if run.scope_id is not None:
+                    self._ended.add(run.scope_id)
             con = self._con
             try:
                 if run is not None and run.run_id is not None and con is not None:
@@ -353,7 +399,12 @@ class DuckDBState:
         return rows
 
     def runs(self) -> pa.Table:
-        """One row per run of this store's table: fingerprint, status, times and totals."""
+        """One row per run of this store's table: fingerprint, status, times and totals.
+
+        ``status`` is ``running``, ``ok``, ``failed``, ``stopped`` (``stream()`` closed early),
+        ``interrupted`` (Ctrl-C) or ``killed``: a run still marked running when a later run
+        opened the file, whose process died (``kill -9``, a crash) before it could end.
+        """
         return self._bookkeeping("runs", "run_id")
 
     def failures(self) -> pa.Table:

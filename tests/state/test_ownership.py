@@ -1,0 +1,162 @@
+"""The store touches only what it created, and holds its file for one run at a time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pytest
+
+import arrowflow as af
+from arrowflow.state import DuckDBState
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import pyarrow as pa
+    from state_helpers import CountingState
+
+    Build = Callable[..., type[af.Agent]]
+    MakeStore = Callable[..., CountingState]
+
+
+def run(agent: type[af.Agent], **fields: Any) -> af.PipelineResult:
+    return af.Flow(agent).run(progress=False, **fields)
+
+
+@pytest.mark.parametrize("name", ["quick_fit", "Quick_Fit"])
+def test_a_table_arrowflow_did_not_create_is_refused_and_left_untouched(
+    tmp_path: Path,
+    name: str,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    path = tmp_path / "state.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute(f'CREATE TABLE "{name}" (id BIGINT, note VARCHAR)')
+        con.execute(f"INSERT INTO \"{name}\" VALUES (1, 'mine'), (2, 'also mine')")
+    store = make_store(path, table="quick_fit")
+
+    with pytest.raises(af.ExecutionError, match="arrowflow did not create it"):
+        run(scoring_agent(store, 10), companies=make_companies(30))
+
+    assert calls == []
+    assert not store.is_open
+    with duckdb.connect(str(path)) as con:
+        rows = con.sql(f'SELECT * FROM "{name}" ORDER BY id').fetchall()
+    assert rows == [(1, "mine"), (2, "also mine")]
+
+
+def test_a_second_run_on_the_same_store_fails_at_its_start(
+    tmp_path: Path,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    store = make_store(tmp_path / "state.duckdb")
+    first = af.Flow(scoring_agent(store, 10)).stream(companies=make_companies(30))
+    assert next(first).stream_num == 1  # the first run is in progress
+
+    with pytest.raises(af.ExecutionError, match="a run of this store is in progress"):
+        run(scoring_agent(store, 10), companies=make_companies(30))
+
+    rest = list(first)  # the first run is unharmed by the refused one
+    assert [part.stream_num for part in rest] == [2, 3]
+    assert store.runs()["status"].to_pylist() == ["ok"]
+    assert (
+        run(scoring_agent(store, 10), companies=make_companies(30)).stats[0]["skipped_items"] == 30
+    )
+
+
+def test_a_second_run_on_the_same_file_fails_at_its_start(
+    tmp_path: Path,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    path = tmp_path / "state.duckdb"
+    first_store, second_store = make_store(path, table="a"), make_store(path, table="b")
+    with af.Flow(scoring_agent(first_store, 10)).stream(companies=make_companies(30)) as first:
+        next(first)
+        calls.clear()
+        with pytest.raises(af.ExecutionError, match="in use by a run of table 'a'"):
+            run(scoring_agent(second_store, 10), companies=make_companies(30))
+        assert calls == []
+    # Once the first run has ended, the file is free.
+    assert (
+        run(scoring_agent(second_store, 10), companies=make_companies(30)).stats[0][
+            "successful_batches"
+        ]
+        == 3
+    )
+
+
+def test_a_run_on_a_file_another_process_holds_fails_at_its_start(
+    tmp_path: Path,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    path = tmp_path / "state.duckdb"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+            "sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(af.ExecutionError, match="locked by another process"):
+            run(scoring_agent(make_store(path), 10), companies=make_companies(30))
+        assert calls == []
+    finally:
+        holder.communicate("", timeout=60)
+
+
+def test_a_run_left_running_by_a_killed_process_is_shown_as_killed(
+    tmp_path: Path,
+    scoring_agent: Build,
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    path = tmp_path / "state.duckdb"
+    # A process that began a run and died before ending it, as kill -9 leaves one.
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_RUN, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == 9, killed.stderr
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.sql("select status from arrowflow.runs").fetchall() == [("running",)]
+
+    store = DuckDBState(path)
+    run(scoring_agent(store, 10), companies=make_companies(30))
+    assert store.runs()["status"].to_pylist() == ["killed", "ok"]
+
+
+KILLED_MID_RUN = """
+import os, sys
+import pyarrow as pa
+from arrowflow.state import DuckDBState, ScopeInfo
+
+rows = pa.table({"id": pa.array([1, 2, 3], pa.int64())})
+store = DuckDBState(sys.argv[1])
+store.begin_run(ScopeInfo(("app.Fit",), "companies", "id", rows.schema, "Fit"), rows)
+os._exit(9)
+"""
