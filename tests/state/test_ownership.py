@@ -160,3 +160,21 @@ store = DuckDBState(sys.argv[1])
 store.begin_run(ScopeInfo(("app.Fit",), "companies", "id", rows.schema, "Fit"), rows)
 os._exit(9)
 """
+
+
+def test_a_missing_parent_directory_is_created(
+    tmp_path: Path, scoring_agent: Build, make_companies: Callable[..., pa.Table]
+) -> None:
+    store = DuckDBState(tmp_path / "state" / "nested" / "state.duckdb")
+    result = run(scoring_agent(store, 10), companies=make_companies(30))
+    assert result.stats[0]["successful_batches"] == 3
+    assert (tmp_path / "state" / "nested" / "state.duckdb").is_file()
+
+
+def test_a_path_under_a_file_gets_a_clear_error(
+    tmp_path: Path, scoring_agent: Build, make_companies: Callable[..., pa.Table]
+) -> None:
+    (tmp_path / "plain").write_text("not a directory")
+    store = DuckDBState(tmp_path / "plain" / "state.duckdb")
+    with pytest.raises(af.ExecutionError, match=r"cannot be created.*directory you can write"):
+        run(scoring_agent(store, 10), companies=make_companies(30))

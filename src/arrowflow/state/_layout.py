@@ -21,6 +21,7 @@ refused rather than misread.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -122,13 +123,22 @@ def _normalise(type_name: str) -> str:
 def open_database(path: str) -> duckdb.DuckDBPyConnection:
     """Connect to ``path`` and make sure it holds arrowflow's tables, at our layout version.
 
+    A missing parent directory is created, as the Parquet sink does.
+
     Raises:
         ExecutionError: the file is locked by another process, is not a DuckDB database, is
             damaged, or was written by a newer layout. The message names the path and says
             what to do.
     """
     try:
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         con = duckdb.connect(path)
+    except OSError as exc:
+        raise ExecutionError(
+            f"State database '{path}' cannot be created: {exc}. Give the store a path= in a "
+            "directory you can write to."
+        ) from exc
     except duckdb.Error as exc:
         raise ExecutionError(_open_failure(path, exc)) from exc
     try:
