@@ -38,6 +38,7 @@ __all__ = [
     "Attempt",
     "Cancelled",
     "Tries",
+    "as_interrupt",
     "backoff_delay",
     "is_interrupt",
     "with_retries",
@@ -66,6 +67,16 @@ def is_interrupt(error: BaseException) -> bool:
     if kind.__name__ == "InterruptException" and kind.__module__.lstrip("_") == "duckdb":
         return True
     return kind is RuntimeError and str(error) == "Query interrupted"
+
+
+def as_interrupt(error: BaseException) -> BaseException:
+    """An interrupt as the process expects it: ``KeyboardInterrupt`` and ``SystemExit`` as they
+    are, DuckDB's "query interrupted" as a ``KeyboardInterrupt`` chained to it."""
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        return error
+    interrupt = KeyboardInterrupt(str(error))
+    interrupt.__cause__ = error
+    return interrupt
 
 
 class Attempt:
@@ -139,7 +150,7 @@ def with_retries(
                 raise
             except Exception as error:
                 if is_interrupt(error):
-                    raise KeyboardInterrupt(str(error)) from error
+                    raise as_interrupt(error) from error
                 retryable = isinstance(error, options.retry_on) and tries.count <= options.retries
                 if not retryable or cancelled.wait(backoff_delay(options.backoff, tries.count)):
                     tries.step, tries.error = attempt.step, error

@@ -1,6 +1,6 @@
 """What counts as a table, and how anything Arrow-shaped becomes one without a copy.
 
-Rules (DESIGN §1, §4):
+Rules:
 
 - ``pa.Table`` is used as it is; ``pa.RecordBatch`` is wrapped (no copy); view types aside
   (below).

@@ -36,7 +36,7 @@ from arrowflow._async import EventLoop
 from arrowflow._config import StreamingConfig
 from arrowflow._invoke import Callables, Fields, check_agents, instantiate
 from arrowflow._merge import merge_outputs
-from arrowflow._retry import is_interrupt
+from arrowflow._retry import as_interrupt, is_interrupt
 from arrowflow._slicing import StreamCutter
 from arrowflow._stream import StreamOutcome, StreamPlan, persist_stream, run_stream
 from arrowflow._workers import DaemonPool, result_of
@@ -422,6 +422,7 @@ class _ScopeRun:
         interrupted = is_interrupt(error)
         if interrupted:
             self.status = "interrupted"
+            error = as_interrupt(error)
         elif isinstance(error, GeneratorExit):
             self.status = "stopped"
         try:
@@ -430,8 +431,6 @@ class _ScopeRun:
             error.add_note(f"Keeping the completed streams was cut short: {second!r}")
         if not interrupted:
             return error
-        if not isinstance(error, KeyboardInterrupt | SystemExit):  # DuckDB's
-            error = _as_keyboard_interrupt(error)
         for context, _ in running:
             self.recorder.add(_interrupted_record(context, self.plan.field))
         if running:
@@ -491,12 +490,6 @@ class _ScopeRun:
         self.executor.execution_stats = self.recorder.as_dict()
         if self.began:
             self._call_state("end_run", self.executor.execution_stats, self.status)
-
-
-def _as_keyboard_interrupt(error: BaseException) -> KeyboardInterrupt:
-    interrupt = KeyboardInterrupt(str(error))
-    interrupt.__cause__ = error
-    return interrupt
 
 
 def _nothing() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from arrowflow._retry import is_interrupt
+from arrowflow._retry import as_interrupt, is_interrupt
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -27,7 +27,7 @@ def call_hook(agent_name: str, hook_name: str, hook: Callable[..., Any] | None, 
         hook(*args)
     except Exception as exc:
         if is_interrupt(exc):
-            raise KeyboardInterrupt(str(exc)) from exc
+            raise as_interrupt(exc) from exc
         logger.exception(
             "Agent '%s': hook %s raised; the run goes on without it.", agent_name, hook_name
         )
