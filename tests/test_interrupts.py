@@ -64,14 +64,13 @@ def say(line):
 
 
 class SlowStore(DuckDBState):
-    def persist_each_stream(self, results, context):
-        stream = context["_batch_metadata"]["batch_number"]
-        if mode == "duckdb" and stream == block_at and not blocked.is_set():
+    def persist(self, stream, results, processed):
+        if mode == "duckdb" and stream.num == block_at and not blocked.is_set():
             blocked.set()
             say("blocked")
             # A statement that runs until SIGINT interrupts it.
             duckdb.sql("select sum(hash(range)) from range(100000000000)").fetchall()
-        super().persist_each_stream(results, context)
+        super().persist(stream, results, processed)
 
 
 store = SlowStore(state_path, table="enriched", key="id")

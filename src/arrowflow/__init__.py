@@ -37,7 +37,7 @@ from arrowflow.flow import Flow, FlowStream, Pipeline
 from arrowflow.io import ParquetSink, read_parquet, scan_parquet
 from arrowflow.results import PipelineResult, StreamResult
 from arrowflow.scope import BatchingScope, BatchingScopeManager
-from arrowflow.state import DuckDBState
+from arrowflow.state import DuckDBState, MemoryState
 
 __version__ = "0.1.0"
 
@@ -53,6 +53,7 @@ __all__ = [
     "ExecutionError",
     "Flow",
     "FlowStream",
+    "MemoryState",
     "ParquetSink",
     "Pipeline",
     "PipelineBatchExecutor",

@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 from arrowflow._invoke import Callables, Fields, as_table, invoke_agent
 from arrowflow._merge import concat_in_order
 from arrowflow._retry import Attempt, Tries, with_retries
-from arrowflow._tabular import decoded, to_table, without_views
-from arrowflow.context import Context
+from arrowflow._tabular import decoded, without_views
 from arrowflow.exceptions import ConfigurationError, ExecutionError
+from arrowflow.state.base import StreamInfo
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from arrowflow._async import EventLoop
     from arrowflow._config import StreamingConfig
     from arrowflow.agent import Agent
+    from arrowflow.state.base import Store
 
 __all__ = [
     "StreamOutcome",
@@ -45,6 +46,7 @@ class StreamPlan:
     """What every stream of one scope run shares.
 
     Attributes:
+        store: the run's state store (see :mod:`arrowflow._store`), if any.
         loop: the run's event loop, for ``async def`` agents.
         cancelled: set when the run stops; streams still running stop at their next step.
     """
@@ -54,6 +56,7 @@ class StreamPlan:
     key: str | None
     config: StreamingConfig
     callables: Callables
+    store: Store | None
     loop: EventLoop
     cancelled: threading.Event
     # Per agent, the last schema it returned that had no view type: the same schema again
@@ -117,30 +120,32 @@ class StreamOutcome:
         return persisted if persisted is not None and persisted.error is not None else self.tries
 
 
-def run_stream(plan: StreamPlan, context: Fields) -> StreamOutcome:
+def run_stream(plan: StreamPlan, stream: StreamInfo) -> StreamOutcome:
     """Skip, load, run the agents on the rest and order the rows, retrying as configured."""
-    piece: pa.Table = context[plan.field]
-    outcome = StreamOutcome(context["_batch_metadata"]["batch_number"], piece.num_rows)
+    piece: pa.Table = stream.context[plan.field]
+    outcome = StreamOutcome(stream.num, piece.num_rows)
     timeout = plan.config.timeout
-    done = plan.retry(outcome.tries, _attempt, plan, context, piece, timeout=timeout)
+    done = plan.retry(outcome.tries, _attempt, plan, stream, piece, timeout=timeout)
     if done is not None:
         outcome.fields, outcome.processed, outcome.produced, outcome.skipped, outcome.loaded = done
     return outcome
 
 
 def _attempt(
-    attempt: Attempt, plan: StreamPlan, context: Fields, piece: pa.Table
+    attempt: Attempt, plan: StreamPlan, stream: StreamInfo, piece: pa.Table
 ) -> tuple[Fields, pa.Table, pa.Table, int, int]:
-    field, callables = plan.field, plan.callables
+    field, store, context = plan.field, plan.store, stream.context
     todo, loaded, mask, skipped = piece, None, None, None
-    if callables.skip_if is not None:
+    if store is not None:
         attempt.enter("skip_if")
-        mask = _as_mask(callables.skip_if(piece, Context(context)), piece, plan, context)
-        todo = piece.filter(pc.invert(mask))
-        if callables.load_existing is not None and todo.num_rows < piece.num_rows:
-            attempt.enter("load_existing")
-            skipped = piece.filter(mask)
-            loaded = to_table(callables.load_existing(skipped, Context(context)))
+        found = store.skip(stream, piece)
+        if found is not None:
+            mask = _as_mask(found, piece, plan, stream)
+            todo = piece.filter(pc.invert(mask))
+            if todo.num_rows < piece.num_rows:
+                attempt.enter("load_existing")
+                skipped = piece.filter(mask)
+                loaded = store.load(stream, skipped)
     written: Fields = {}
     processed = todo
     if todo.num_rows:
@@ -153,7 +158,7 @@ def _attempt(
                 table = (
                     plan.as_plain_table(index, value)
                     if type(value) is pa.Table
-                    else as_table(agent, value, field, f"stream {_number(context)}")
+                    else as_table(agent, value, field, f"stream {stream.num}")
                 )
                 if table is not value:
                     # A copy: the agent's own dict is left as it returned it.
@@ -171,49 +176,44 @@ def _attempt(
     return written, todo, processed, skipped_rows, 0 if loaded is None else loaded.num_rows
 
 
-def _number(context: Fields) -> int:
-    return int(context["_batch_metadata"]["batch_number"])
+def persist_stream(plan: StreamPlan, outcome: StreamOutcome, stream: StreamInfo) -> None:
+    """Hand a completed stream's processed results to the store, with retries.
 
-
-def persist_stream(plan: StreamPlan, outcome: StreamOutcome, context: Fields) -> None:
-    """Hand a completed stream's processed results to ``persist_each_stream``, with retries.
-
-    Only rows that went through the agents are persisted; the callable's context is the
-    stream's, its field holding those input rows. Nothing is persisted when every row was
-    skipped. Persisting has a retry budget of its own (``retries``, counted in
-    ``outcome.persisted``, not in the agents' attempts); when it runs out the stream fails.
+    Only rows that went through the agents are persisted, with the stream's context (the
+    fields its agents wrote laid over it). Persisting has a retry budget of its own
+    (``retries``, counted in ``outcome.persisted``, not in the agents' attempts); when it runs
+    out the stream fails.
     """
-    persist = plan.callables.persist
+    store = plan.store
     processed, produced = outcome.processed, outcome.produced
-    if persist is None or outcome.fields is None or processed is None or produced is None:
+    if store is None or outcome.fields is None or processed is None or produced is None:
         return
-    if not processed.num_rows:
-        return
-    persist_context = Context({**context, **outcome.fields, plan.field: processed})
+    context = {**stream.context, **outcome.fields}
+    done = StreamInfo(stream.num, stream.offset, stream.rows, stream.scope_id, context)
     # No timeout: an abandoned save could still be writing when its retry starts. Not
     # cancellable: the executor persists streams that completed before an interrupt.
     outcome.persisted = Tries()
     saved = plan.retry(
-        outcome.persisted, _persist, persist, produced, persist_context, cancelled=_NEVER
+        outcome.persisted, _persist, store, done, produced, processed, cancelled=_NEVER
     )
     if saved is None:
         outcome.fields = None
 
 
 def _persist(
-    attempt: Attempt, persist: Callable[..., Any], results: pa.Table, context: Context
+    attempt: Attempt, store: Store, stream: StreamInfo, results: pa.Table, processed: pa.Table
 ) -> bool:
     attempt.enter("persist_each_stream")
-    persist(results, context)
+    store.persist(stream, results, processed)
     return True
 
 
-def _as_mask(mask: Any, piece: pa.Table, plan: StreamPlan, context: Fields) -> Any:
+def _as_mask(mask: Any, piece: pa.Table, plan: StreamPlan, stream: StreamInfo) -> Any:
     """A boolean Arrow array from ``skip_if``'s result (Arrow or numpy); nulls mean keep."""
     array = mask if isinstance(mask, pa.Array | pa.ChunkedArray) else pa.array(mask)
     if not pa.types.is_boolean(array.type) or len(array) != piece.num_rows:
         raise ConfigurationError(
-            f"Agent '{plan.agents[0].name}', stream {_number(context)}: skip_if must return a "
+            f"Agent '{plan.agents[0].name}', stream {stream.num}: skip_if must return a "
             f"boolean mask of {piece.num_rows} values (one per row of the stream), got "
             f"{len(array)} values of type {array.type}."
         )

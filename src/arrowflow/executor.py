@@ -30,14 +30,13 @@ from concurrent.futures import Future, wait
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import pyarrow as pa
-
 from arrowflow._async import EventLoop
 from arrowflow._config import StreamingConfig
 from arrowflow._invoke import Callables, Fields, check_agents, instantiate
 from arrowflow._merge import merge_outputs
 from arrowflow._retry import as_interrupt, is_interrupt
 from arrowflow._slicing import StreamCutter
+from arrowflow._store import store_for
 from arrowflow._stream import StreamOutcome, StreamPlan, persist_stream, run_stream
 from arrowflow._workers import DaemonPool, result_of
 from arrowflow.agent import Agent, agent_class
@@ -50,11 +49,13 @@ from arrowflow.exceptions import (
 from arrowflow.hooks import call_hook
 from arrowflow.progress import ProgressBar, open_progress
 from arrowflow.results import StreamResult
-from arrowflow.state.base import ScopeInfo
+from arrowflow.state.base import ScopeInfo, StreamInfo
 from arrowflow.stats import StatsRecorder, StreamRecord
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
+
+    import pyarrow as pa
 
     from arrowflow.io import Sink
     from arrowflow.scope import BatchingScope
@@ -181,16 +182,18 @@ class _ScopeRun:
         self.base = context
         self.trigger = trigger
         self.cancelled = threading.Event()
+        callables = Callables.of(trigger)
+        store = store_for(config.state, callables, field)
         self.plan = StreamPlan(
-            agents, field, key, config, Callables.of(trigger), EventLoop(), self.cancelled
+            agents, field, key, config, callables, store, EventLoop(), self.cancelled
         )
         self.cutter = StreamCutter(source, size, f"Agent '{trigger.name}', field '{field}'")
         self.recorder = StatsRecorder()
         self.outputs: list[tuple[int, Fields]] = []
         self.scope_id = f"{trigger.name}:{next(_RUN_NUMBERS)}"
-        self.state = config.state
+        self.store = store
         self.scope_info = self._scope_info(agents, source.schema)
-        self.whole_input = source if isinstance(source, pa.Table) else None
+        self.source = source
         self.progress_option = progress
         self.progress: ProgressBar | None = None
         self.sink = sink
@@ -199,7 +202,7 @@ class _ScopeRun:
         self.began = False  # whether the store's begin_run returned: only then is end_run due
         limit = config.max_concurrency
         self.pool = DaemonPool(limit, "arrowflow-stream") if limit > 1 else None
-        self.in_flight: deque[tuple[Fields, Future[StreamOutcome] | _Ran]] = deque()
+        self.in_flight: deque[tuple[StreamInfo, Future[StreamOutcome] | _Ran]] = deque()
         executor.accumulated_results = []
 
     def _scope_info(self, agents: list[Agent], schema: pa.Schema) -> ScopeInfo:
@@ -208,17 +211,13 @@ class _ScopeRun:
             names, self.plan.field, self.plan.key, schema, self.trigger.name, self.scope_id
         )
 
-    def _call_state(self, method: str, *args: Any) -> None:
-        function = getattr(self.state, method, None)
-        if function is not None:
-            function(*args)
-
     def execute(self) -> Generator[StreamResult, None, dict[str, Any]]:
         """Run the streams, then release everything, whatever happened (module docstring)."""
         error: BaseException | None = None
         merged: dict[str, Any] = {}
         try:
-            self._call_state("begin_run", self.scope_info, self.whole_input)
+            if self.store is not None:
+                self.store.begin_run(self.scope_info, self.source)
             self.began = True
             self.progress = open_progress(
                 self.progress_option, self.trigger.name, self.cutter.total
@@ -245,27 +244,27 @@ class _ScopeRun:
         """
         limit = self.plan.config.max_concurrency
         in_flight = self.in_flight
-        contexts = self._stream_contexts()
+        streams = self._streams()
         while True:
             while len(in_flight) < limit and not self._is_failing():
-                context = next(contexts, None)
-                if context is None:
+                stream = next(streams, None)
+                if stream is None:
                     break
-                in_flight.append((context, self._start(context)))
+                in_flight.append((stream, self._start(stream)))
             if not in_flight:
                 return
-            context, future = in_flight[0]
+            stream, future = in_flight[0]
             outcome = result_of(future) if isinstance(future, Future) else future.result()
             in_flight.popleft()
-            result = self._complete(outcome, context)
+            result = self._complete(outcome, stream)
             if result is not None and self.failure is None:
                 yield result
 
-    def _start(self, context: Fields) -> Future[StreamOutcome] | _Ran:
+    def _start(self, stream: StreamInfo) -> Future[StreamOutcome] | _Ran:
         """Run a stream on the pool, or right here when streams run one at a time."""
         if self.pool is None:
-            return _Ran(run_stream(self.plan, context))
-        return self.pool.submit(run_stream, self.plan, context)
+            return _Ran(run_stream(self.plan, stream))
+        return self.pool.submit(run_stream, self.plan, stream)
 
     def _is_failing(self) -> bool:
         """Whether no new stream should start: a failure under ``on_error="raise"`` is known,
@@ -280,9 +279,10 @@ class _ScopeRun:
             if isinstance(future, Future)
         )
 
-    def _stream_contexts(self) -> Iterator[Fields]:
-        """Each stream's context, its hook ``on_stream_start`` called just before."""
+    def _streams(self) -> Iterator[StreamInfo]:
+        """Each stream with its context, its hook ``on_stream_start`` called just before."""
         field = self.plan.field
+        offset = 0
         for num, piece in enumerate(self.cutter, 1):
             context = {
                 **self.base,
@@ -297,14 +297,15 @@ class _ScopeRun:
             }
             if self.plan.callables.on_start is not None:
                 self._hook("on_stream_start", num, self.cutter.total, Context(context))
-            yield context
+            yield StreamInfo(num, offset, piece.num_rows, self.scope_id, context)
+            offset += piece.num_rows
 
     def _hook(self, name: str, *args: Any) -> None:
         hook = getattr(self.plan.callables, _HOOK_ATTRIBUTES[name])
         call_hook(self.trigger.name, name, hook, *args)
 
     def _complete(
-        self, outcome: StreamOutcome, context: Fields, *, stopping: bool = False
+        self, outcome: StreamOutcome, stream: StreamInfo, *, stopping: bool = False
     ) -> StreamResult | None:
         """In stream order: persist, record, call hooks, then deliver or note the failure.
 
@@ -312,8 +313,8 @@ class _ScopeRun:
         the streams already in flight still complete (and persist) before it is raised. While
         the run is ``stopping``, a stream is only persisted and recorded.
         """
-        if self.plan.callables.persist is not None:
-            persist_stream(self.plan, outcome, context)
+        if self.store is not None:
+            persist_stream(self.plan, outcome, stream)
         num, total = outcome.stream_num, self.cutter.total
         fields = outcome.fields
         record = _record(outcome, self.plan.field)
@@ -336,10 +337,11 @@ class _ScopeRun:
         failure = outcome.failure
         error = failure.error if failure is not None else None
         assert error is not None
-        self._call_state("record_failure", num, context[self.plan.field], error)
+        if self.store is not None:
+            self.store.record_failure(stream, stream.context[self.plan.field], error)
         if stopping:
             return None
-        self._hook("on_stream_error", num, total, error, Context(context))
+        self._hook("on_stream_error", num, total, error, Context(stream.context))
         if self.plan.config.on_error == "raise" and self.failure is None:
             self.failure = self._failure(outcome, error)
         return None
@@ -412,8 +414,8 @@ class _ScopeRun:
 
     def _stop(self, error: BaseException) -> BaseException:
         """Stop the streams still running, keep those completed; return what to raise."""
-        completed = [(context, future) for context, future in self.in_flight if future.done()]
-        running = [(context, future) for context, future in self.in_flight if not future.done()]
+        completed = [(stream, future) for stream, future in self.in_flight if future.done()]
+        running = [(stream, future) for stream, future in self.in_flight if not future.done()]
         self.in_flight.clear()
         self.cancelled.set()
         self.plan.loop.cancel_all()
@@ -431,8 +433,8 @@ class _ScopeRun:
             error.add_note(f"Keeping the completed streams was cut short: {second!r}")
         if not interrupted:
             return error
-        for context, _ in running:
-            self.recorder.add(_interrupted_record(context, self.plan.field))
+        for stream, _ in running:
+            self.recorder.add(_interrupted_record(stream))
         if running:
             with suppress(BaseException):  # a second Ctrl-C: stop waiting
                 futures = [future for _, future in running if isinstance(future, Future)]
@@ -448,12 +450,12 @@ class _ScopeRun:
         setattr(error, "execution_stats", self.recorder.as_dict())  # noqa: B010
         return error
 
-    def _keep(self, completed: Iterable[tuple[Fields, Future[StreamOutcome] | _Ran]]) -> None:
+    def _keep(self, completed: Iterable[tuple[StreamInfo, Future[StreamOutcome] | _Ran]]) -> None:
         """Persist and record, in stream order, the streams that completed before the stop."""
-        for context, future in completed:
+        for stream, future in completed:
             if isinstance(future, Future) and (future.cancelled() or future.exception()):
                 continue
-            self._complete(future.result(), context, stopping=True)
+            self._complete(future.result(), stream, stopping=True)
 
     def _release(self, error: BaseException | None) -> None:
         """Release the pool, the event loop, the progress bar, the sink and the state store.
@@ -488,8 +490,8 @@ class _ScopeRun:
 
     def _end_run(self) -> None:
         self.executor.execution_stats = self.recorder.as_dict()
-        if self.began:
-            self._call_state("end_run", self.executor.execution_stats, self.status)
+        if self.began and self.store is not None:
+            self.store.end_run(self.executor.execution_stats, self.status)
 
 
 def _nothing() -> None:
@@ -551,8 +553,8 @@ def _record(outcome: StreamOutcome, field: str) -> StreamRecord:
     )
 
 
-def _interrupted_record(context: Fields, field: str) -> StreamRecord:
+def _interrupted_record(stream: StreamInfo) -> StreamRecord:
     """A stream that was running when the run was interrupted: not completed, not failed."""
-    num = context["_batch_metadata"]["batch_number"]
-    rows = context[field].num_rows
-    return StreamRecord(num, rows, 0, 0, 0, 0.0, 0, "interrupted", "KeyboardInterrupt")
+    return StreamRecord(
+        stream.num, stream.rows, 0, 0, 0, 0.0, 0, "interrupted", "KeyboardInterrupt"
+    )

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, TypeVar
 from arrowflow._config import STREAMING_KEYWORDS, is_misspelling
 from arrowflow._invoke import check_agents, instantiate, invoke_agent
 from arrowflow._retry import is_interrupt
-from arrowflow.agent import Agent, AgentLike
+from arrowflow._store import check_shared_tables
+from arrowflow.agent import Agent, AgentLike, agent_class
 from arrowflow.exceptions import ConfigurationError
 from arrowflow.executor import PipelineBatchExecutor, drain
 from arrowflow.io import as_sink
@@ -239,6 +240,7 @@ class Flow:
         check_agents(agents)
         manager = BatchingScopeManager()
         manager.detect_scopes(agents)
+        check_shared_tables((scope.trigger_name, _state_of(scope)) for scope in manager.scopes)
         return self._run(agents, manager, run)
 
     @staticmethod
@@ -372,3 +374,10 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._flow()!r})"
+
+
+def _state_of(scope: BatchingScope) -> Any:
+    """The ``state=`` store of a scope's streaming declaration, if any."""
+    trigger = scope.trigger_agent
+    config = None if trigger is None else agent_class(trigger)._streaming
+    return None if config is None else config.state

@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import threading
+from functools import partial
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -74,7 +75,22 @@ def scan_parquet(
                 f"(columns: {', '.join(schema.names)})."
             )
         schema = pa.schema([schema.field(name) for name in columns])
-    return reader_with_num_rows(schema, _read_batches(files, schema, batch_size), num_rows)
+    batches = _read_batches(files, schema, batch_size)
+    return reader_with_num_rows(schema, batches, num_rows, partial(_read_column, files, schema))
+
+
+def _read_column(files: list[Path], schema: pa.Schema, name: str) -> pa.ChunkedArray:
+    """Column ``name`` of every file, alone, typed as the scan yields it (a state store reads
+    the keys of the whole input this way)."""
+    field = schema.field(name)
+    chunks = []
+    for file in files:
+        try:
+            column = pq.read_table(file, columns=[name], pre_buffer=False)[name]
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ExecutionError(f"cannot read Parquet file {str(file)!r}: {exc}") from exc
+        chunks.extend(column.cast(field.type).chunks)
+    return pa.chunked_array(chunks, type=field.type)
 
 
 def _read_footer(file: Path) -> tuple[pa.Schema, int]:

@@ -1,4 +1,10 @@
-"""Fixtures of the state store tests: stores closed after each test, a recording agent."""
+"""Fixtures of the state store tests: stores closed after each test, a recording agent.
+
+A test that asks for ``make_store`` runs once per store kind its ``stores`` mark names (see
+``state_helpers.every_store`` and ``duckdb_only``; unmarked: DuckDB only). ``state_path`` goes
+with the DuckDB store only: a test that takes it runs on ``":memory:"`` and on a file with
+``DuckDBState``, once with ``MemoryState``.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +15,89 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from state_helpers import CountingState
+from state_helpers import STORES, CountingMemoryState, CountingState, MakeStore
 
 import arrowflow as af
 
 
-@pytest.fixture(params=["memory", "file"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that makes stores against each store kind it is marked for."""
+    names = metafunc.fixturenames
+    marker = metafunc.definition.get_closest_marker("stores")
+    kinds = marker.args if marker is not None and "store_kind" in names else ("duckdb",)
+    unknown = set(kinds) - set(STORES)
+    if unknown:
+        raise pytest.UsageError(f"unknown store kinds {sorted(unknown)}: use {list(STORES)}")
+    paths = ["memory", "file"] if "state_path" in names else []
+    if kinds == ("duckdb",):
+        # The store_kind fixture's default: the ids stay those of DuckDB-only tests.
+        if paths:
+            metafunc.parametrize("state_path", paths, indirect=True)
+        return
+    cases = [
+        pytest.param(kind, path, id=f"{kind}-{path}" if kind == "duckdb" else kind)
+        for kind in kinds
+        for path in (paths if kind == "duckdb" else ["memory"])
+    ]
+    if paths:
+        metafunc.parametrize(("store_kind", "state_path"), cases, indirect=True)
+    else:
+        metafunc.parametrize("store_kind", kinds, indirect=True)
+
+
+@pytest.fixture
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The kind of store ``make_store`` builds: ``"duckdb"`` (unless marked) or ``"memory"``."""
+    kind: str = getattr(request, "param", "duckdb")
+    return kind
+
+
+@pytest.fixture
 def state_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store path: ``":memory:"``, then a file."""
+    """A DuckDB store path: ``":memory:"``, then a file (ignored by a ``MemoryState``)."""
     return ":memory:" if request.param == "memory" else str(tmp_path / "state.duckdb")
 
 
 @pytest.fixture
-def make_store() -> Iterator[Callable[..., CountingState]]:
-    """``make_store(path=":memory:", **options)``: a counting DuckDB store, closed afterwards."""
-    stores: list[CountingState] = []
+def make_store(store_kind: str) -> Iterator[MakeStore]:
+    """``make_store(path=":memory:", **options)``: a counting store, closed afterwards.
 
-    def build(path: Any = ":memory:", **options: Any) -> CountingState:
-        store = CountingState(path, **options)
+    A ``DuckDBState`` on ``path``; or a ``MemoryState``, which has no path: the stores a test
+    makes on one file path are then one ``MemoryState`` (as DuckDB stores on one file share
+    their rows), given the ``version=`` of the latest call.
+    """
+    stores: list[CountingState | CountingMemoryState] = []
+    by_path: dict[str, CountingMemoryState] = {}
+
+    def build(path: Any = ":memory:", **options: Any) -> CountingState | CountingMemoryState:
+        if store_kind == "duckdb":
+            store: CountingState | CountingMemoryState = CountingState(path, **options)
+        else:
+            store = _memory_store(by_path, str(path), **options)
         stores.append(store)
         return store
 
     yield build
     for store in stores:
         store.close()
+
+
+def _memory_store(
+    by_path: dict[str, CountingMemoryState], path: str, **options: Any
+) -> CountingMemoryState:
+    shared = by_path.get(path) if path != ":memory:" else None
+    if shared is None:
+        store = CountingMemoryState(**options)
+        if path != ":memory:":
+            by_path[path] = store
+        return store
+    table, key = options.get("table", "quick_fit"), options.get("key", "id")
+    if (shared.table, shared.key) != (table, key):
+        raise pytest.UsageError(
+            "a MemoryState holds one table: stores of other tables on one file are duckdb_only"
+        )
+    shared.version = options.get("version")
+    return shared
 
 
 @pytest.fixture

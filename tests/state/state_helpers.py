@@ -3,41 +3,84 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 
 import arrowflow as af
-from arrowflow.state import DuckDBState
+from arrowflow.state import DuckDBState, MemoryState
+
+if TYPE_CHECKING:
+    from arrowflow.state.base import StreamInfo
 
 __all__ = [
+    "STORES",
     "Build",
+    "CountingMemoryState",
     "CountingState",
     "DuckDBState",
     "MakeStore",
+    "MemoryState",
     "called_keys",
+    "duckdb_only",
+    "every_store",
     "expected_scores",
+    "is_released",
     "reader_of",
     "run",
 ]
 
+#: Each kind of store, by the name the ``store_kind`` parameter gives it: a new store of that
+#: kind from the options both take (``table=``, ``key=``, ``version=``).
+STORES: dict[str, Callable[..., DuckDBState | MemoryState]] = {
+    "duckdb": DuckDBState,
+    "memory": MemoryState,
+}
 
-class CountingState(DuckDBState):
-    """A DuckDB store that counts the calls the executor makes to its state callables."""
+#: A test (or, as ``pytestmark``, a module) about store behaviour: ``make_store`` gives it a
+#: ``DuckDBState`` (on ``":memory:"`` and on a file when the test takes ``state_path``), then a
+#: ``MemoryState``.
+every_store = pytest.mark.stores(*STORES)
+#: A test about DuckDB itself (SQL on the file, locks, other processes, how rows are stored):
+#: ``make_store`` gives it a ``DuckDBState`` only. Modules without a ``stores`` mark are too.
+duckdb_only = pytest.mark.stores("duckdb")
+
+
+class _Counting:
+    """Counts the loads and the persists of streams with new rows of the store below it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.persisted: list[int] = []
         self.loaded: list[int] = []
 
-    def load_existing(self, skipped: pa.Table, context: Any) -> pa.Table:
+    def load(self, stream: StreamInfo, skipped: pa.Table) -> pa.Table:
         self.loaded.append(skipped.num_rows)
-        return super().load_existing(skipped, context)
+        loaded: pa.Table = super().load(stream, skipped)  # type: ignore[misc]
+        return loaded
 
-    def persist_each_stream(self, results: pa.Table, context: Any) -> None:
-        self.persisted.append(results.num_rows)
-        super().persist_each_stream(results, context)
+    def persist(self, stream: StreamInfo, results: pa.Table, processed: pa.Table) -> None:
+        if processed.num_rows:
+            self.persisted.append(results.num_rows)
+        super().persist(stream, results, processed)  # type: ignore[misc]
+
+
+class CountingState(_Counting, DuckDBState):
+    """A DuckDB store that counts the loads and the persists of streams with new rows."""
+
+
+class CountingMemoryState(_Counting, MemoryState):
+    """A memory store that counts the loads and the persists of streams with new rows."""
+
+
+def is_released(store: DuckDBState | MemoryState) -> bool:
+    """Whether no run holds ``store`` any more: a DuckDB file is closed (other processes may
+    open it); a ``MemoryState`` keeps what it holds, open."""
+    if isinstance(store, MemoryState):
+        return store.lifecycle != "running"
+    return not store.is_open
 
 
 def called_keys(calls: list[list[Any]]) -> list[Any]:
@@ -61,5 +104,5 @@ def reader_of(table: pa.Table, rows_per_batch: int = 64) -> pa.RecordBatchReader
     return pa.RecordBatchReader.from_batches(table.schema, table.to_batches(rows_per_batch))
 
 
-MakeStore = Callable[..., CountingState]
+MakeStore = Callable[..., CountingState | CountingMemoryState]
 Build = Callable[..., type[af.Agent]]

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL loses at most the stream in flight, and a rerun resumes (§5)."""
+"""A run killed with SIGKILL loses at most the streams in flight and those completed within the
+last ``commit_interval``, and a rerun resumes (§5)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ import pyarrow.parquet as pq
 import arrowflow as af
 from arrowflow.state import DuckDBState
 
-state_path, log_path, ready_path, block_at, out_path = sys.argv[1:6]
-store = DuckDBState(state_path, table="enriched", key="id")
+state_path, log_path, ready_path, block_at, out_path, interval = sys.argv[1:7]
+store = DuckDBState(state_path, table="enriched", key="id", commit_interval=float(interval))
 
 
 @af.intelligent_streaming(stream_size={STREAM_SIZE}, over="companies", state=store)
@@ -43,6 +44,9 @@ class Enrich(af.Agent):
         with open(log_path, "a") as log:
             log.write(json.dumps(rows["id"].to_pylist()) + "\\n")
         if context["_batch_metadata"]["batch_number"] == int(block_at):
+            # With commit_interval=0, the streams before this one are being committed.
+            while float(interval) == 0 and store.pending_streams:
+                threading.Event().wait(0.01)
             Path(ready_path).write_text("blocked")
             threading.Event().wait(120)  # until killed; bounded should the test die first
         kept = rows.filter(pc.not_equal(pc.remainder(rows["id"], 7), 0))
@@ -65,8 +69,9 @@ def logged_ids(log: Path) -> list[int]:
 
 
 def run_pipeline(script: Path, state: Path, log: Path, out: Path) -> None:
+    ready = str(log) + ".ready"
     done = subprocess.run(
-        [sys.executable, str(script), str(state), str(log), str(log) + ".ready", "0", str(out)],
+        [sys.executable, str(script), str(state), str(log), ready, "0", str(out), "1.0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -74,12 +79,22 @@ def run_pipeline(script: Path, state: Path, log: Path, out: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_a_killed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("interval", "committed"),
+    [(0.0, BLOCK_AT - 1), (600.0, 0)],
+    ids=["each stream committed", "nothing committed yet"],
+)
+def test_a_killed_run_resumes_where_it_stopped(
+    tmp_path: Path, interval: float, committed: int
+) -> None:
+    """With ``commit_interval=0`` the streams before the one in flight are durable when it
+    runs; with an interval longer than the run, nothing is, and the rerun does everything."""
     script = tmp_path / "pipeline.py"
     script.write_text(PIPELINE)
     state, log, ready = tmp_path / "state.duckdb", tmp_path / "calls.log", tmp_path / "ready"
+    arguments = [str(state), str(log), str(ready), str(BLOCK_AT), "-", str(interval)]
     killed = subprocess.Popen(
-        [sys.executable, str(script), str(state), str(log), str(ready), str(BLOCK_AT), "-"],
+        [sys.executable, str(script), *arguments],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -99,7 +114,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert killed.returncode == -signal.SIGKILL
 
     ids = input_ids()
-    persisted = ids[: (BLOCK_AT - 1) * STREAM_SIZE]
+    persisted = ids[: committed * STREAM_SIZE]
     assert logged_ids(log) == ids[: BLOCK_AT * STREAM_SIZE]
     log.unlink()
 

@@ -1,4 +1,8 @@
-"""DuckDBState: skip what is done, load it, persist what is new, by key (DESIGN §5)."""
+"""State stores skip what is done, load it, persist what is new, by key (DESIGN §5).
+
+Every test that makes its store with ``make_store`` runs against ``DuckDBState`` and
+``MemoryState`` (``every_store``).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ from state_helpers import (
     Build,
     DuckDBState,
     MakeStore,
+    MemoryState,
     called_keys,
+    every_store,
     expected_scores,
+    is_released,
     reader_of,
     run,
 )
@@ -23,6 +30,8 @@ from state_helpers import (
 import arrowflow as af
 from arrowflow.state import ScopeInfo
 from arrowflow.state.duckdb import fingerprint
+
+pytestmark = every_store
 
 # -- the seed example -----------------------------------------------------------------------
 
@@ -252,7 +261,7 @@ def test_a_run_that_raises_is_recorded_as_failed_and_keeps_completed_streams(
     store = make_store(tmp_path / "state.duckdb")
     with pytest.raises(af.BatchExecutionError):
         run(scoring_agent(store, 100, fail_streams=(2,)), companies=companies)
-    assert not store.is_open
+    assert is_released(store)
     assert store.runs()["status"].to_pylist() == ["failed"]
     calls.clear()
 
@@ -272,7 +281,7 @@ def test_a_stopped_stream_is_recorded_and_the_database_released(
     parts = af.Flow(scoring_agent(store, 100)).stream(companies=make_companies(300))
     assert next(parts).stream_num == 1
     parts.close()
-    assert not store.is_open
+    assert is_released(store)
     assert store.runs()["status"].to_pylist() == ["stopped"]
     assert store.to_arrow()["id"].to_pylist() == list(range(100))
 
@@ -347,6 +356,17 @@ def test_the_store_callables_work_as_keyword_options(
 def test_bad_options_are_configuration_errors(options: dict[str, Any], fragment: str) -> None:
     with pytest.raises(af.ConfigurationError, match=fragment):
         DuckDBState(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [({"table": ""}, "table="), ({"key": 3}, "key="), ({"version": 1.5}, "version=")],
+)
+def test_bad_options_of_a_memory_store_are_configuration_errors(
+    options: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(af.ConfigurationError, match=fragment):
+        MemoryState(**options)
 
 
 @pytest.mark.parametrize("pieces", ["slices", "copies"])
@@ -490,7 +510,7 @@ def test_a_duplicate_in_sorted_keys_is_refused_before_any_agent_runs(
     assert calls == []
     assert "'id'" in str(info.value)
     assert f"{twice} (2 times)" in str(info.value)
-    assert not store.is_open
+    assert is_released(store)
 
 
 @pytest.mark.parametrize(("where", "stream"), [("start", 1), ("middle", 2), ("end", 3)])

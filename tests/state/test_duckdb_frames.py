@@ -1,8 +1,9 @@
-"""DuckDBState over polars and pandas frames: view-typed and dictionary-encoded columns and keys.
+"""State stores over polars and pandas frames: view-typed and dictionary-encoded columns and keys.
 
 Keys are compared by value: a ``Categorical`` key whose categories come in another order (or
 with other codes) in the next run still finds its stored rows, and every rerun returns exactly
-what an uninterrupted run over the same frame returns, schema and dictionaries included.
+what an uninterrupted run over the same frame returns, schema and dictionaries included. The
+tests run against ``DuckDBState`` and ``MemoryState`` (``every_store``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pytest
-from state_helpers import Build, MakeStore, called_keys, run
+from state_helpers import Build, MakeStore, called_keys, every_store, run
 
 import arrowflow as af
+
+pytestmark = every_store
 
 SECTORS = ["software", "retail", "energy"]
 

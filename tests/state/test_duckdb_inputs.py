@@ -1,4 +1,8 @@
-"""DuckDBState refuses bad inputs before any agent runs, and checks lazy inputs per stream."""
+"""State stores refuse bad inputs before any agent runs, and check lazy inputs per stream.
+
+The tests run against ``DuckDBState`` and ``MemoryState`` (``every_store``), but those about
+the database file and DuckDB's own queries (``duckdb_only``).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ from state_helpers import (
     Build,
     MakeStore,
     called_keys,
+    duckdb_only,
+    every_store,
     expected_scores,
+    is_released,
     reader_of,
     run,
 )
@@ -24,6 +31,8 @@ from state_helpers import (
 import arrowflow as af
 from arrowflow.state import ScopeInfo
 from arrowflow.state._results import ResultTable
+
+pytestmark = every_store
 
 # -- bad inputs: refused before any agent runs ----------------------------------------------
 
@@ -70,7 +79,7 @@ def test_null_keys_are_refused(
         "2 null",
         "rows 2, 6",
     )
-    assert not store.is_open
+    assert is_released(store)
 
 
 def test_duplicate_keys_are_refused(
@@ -93,6 +102,7 @@ def test_duplicate_keys_are_refused(
 
 def test_a_key_type_other_than_the_stored_one_is_refused(
     state_path: str,
+    store_kind: str,
     make_store: MakeStore,
     scoring_agent: Build,
     calls: list[list[Any]],
@@ -103,16 +113,18 @@ def test_a_key_type_other_than_the_stored_one_is_refused(
     run(scoring_agent(store, 5), companies=companies)
     calls.clear()
     as_text = companies.set_column(0, "id", pc.cast(companies["id"], pa.string()))
+    # The types as the store knows them: DuckDB's, or Arrow's.
+    types = {"duckdb": ("BIGINT", "VARCHAR"), "memory": ("int64", "string")}[store_kind]
     refused(
         calls,
         lambda: run(scoring_agent(store, 5), companies=as_text),
         "'quick_fit'",
         "'id'",
-        "BIGINT",
-        "VARCHAR",
+        *types,
     )
 
 
+@duckdb_only  # a DuckDB file held by another process
 def test_a_locked_database_is_refused(
     tmp_path: Path,
     make_store: MakeStore,
@@ -146,6 +158,7 @@ def test_a_locked_database_is_refused(
         holder.wait(timeout=60)
 
 
+@duckdb_only  # a DuckDB file written over
 @pytest.mark.parametrize(
     "damage",
     ["garbage", "truncated", "newer_layout", "unknown_layout"],
@@ -238,6 +251,7 @@ def test_a_reader_input_has_its_keys_checked_at_the_stream_where_they_fail(
 # -- table inputs -------------------------------------------------------------------------
 
 
+@duckdb_only  # DuckDB's per-stream queries are made to fail
 @pytest.mark.parametrize("rows_per_chunk", [1000, 37])
 def test_a_table_input_is_answered_by_the_query_made_when_the_run_begins(
     rows_per_chunk: int,
@@ -264,6 +278,7 @@ def test_a_table_input_is_answered_by_the_query_made_when_the_run_begins(
     assert result["companies"].equals(expected_scores(companies, 20))
 
 
+@duckdb_only  # DuckDB identifiers ignore case; a MemoryState is one table
 def test_table_names_differing_only_in_case_are_one_table(
     tmp_path: Path,
     make_store: MakeStore,

@@ -133,9 +133,17 @@ def test_a_run_left_running_by_a_killed_process_is_shown_as_killed(
     make_companies: Callable[..., pa.Table],
 ) -> None:
     path = tmp_path / "state.duckdb"
-    # A process that began a run and died before ending it, as kill -9 leaves one.
+    store = DuckDBState(path)
+    agent = scoring_agent(store, 10)
+    # A process that began a run of this scope and died before ending it, as kill -9 does.
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_MID_RUN, str(path)],
+        [
+            sys.executable,
+            "-c",
+            KILLED_MID_RUN,
+            str(path),
+            f"{agent.__module__}.{agent.__qualname__}",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -145,8 +153,7 @@ def test_a_run_left_running_by_a_killed_process_is_shown_as_killed(
     with duckdb.connect(str(path), read_only=True) as con:
         assert con.sql("select status from arrowflow.runs").fetchall() == [("running",)]
 
-    store = DuckDBState(path)
-    run(scoring_agent(store, 10), companies=make_companies(30))
+    run(agent, companies=make_companies(30))
     assert store.runs()["status"].to_pylist() == ["killed", "ok"]
 
 
@@ -157,7 +164,7 @@ from arrowflow.state import DuckDBState, ScopeInfo
 
 rows = pa.table({"id": pa.array([1, 2, 3], pa.int64())})
 store = DuckDBState(sys.argv[1])
-store.begin_run(ScopeInfo(("app.Fit",), "companies", "id", rows.schema, "Fit"), rows)
+store.begin_run(ScopeInfo((sys.argv[2],), "companies", "id", rows.schema, "Fit"), rows)
 os._exit(9)
 """
 
@@ -178,3 +185,77 @@ def test_a_path_under_a_file_gets_a_clear_error(
     store = DuckDBState(tmp_path / "plain" / "state.duckdb")
     with pytest.raises(af.ExecutionError, match=r"cannot be created.*directory you can write"):
         run(scoring_agent(store, 10), companies=make_companies(30))
+
+
+def test_scopes_taking_turns_on_one_table_are_refused(
+    tmp_path: Path,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    """Another scope replacing the one that wrote a table recomputes everything (its
+    fingerprint differs); the first scope coming back means two scopes share the table, and
+    is refused before any of its agents runs, the table left as the second one wrote it."""
+    path = tmp_path / "state.duckdb"
+    companies = make_companies(30)
+    run(scoring_agent(make_store(path, table="shared"), 10), companies=companies)
+    calls.clear()
+    other = make_store(path, table="shared")
+    replaced = run(scoring_agent(other, 10, rename="OtherFit"), companies=companies)
+    assert sum(len(call) for call in calls) == 30
+    calls.clear()
+
+    with pytest.raises(af.ExecutionError, match="is shared by two scopes") as caught:
+        run(scoring_agent(make_store(path, table="shared"), 10), companies=companies)
+    assert "OtherFit" in str(caught.value)
+    assert "its own table=" in str(caught.value)
+    assert calls == []
+    assert other.to_arrow().equals(replaced["companies"])
+
+
+def test_two_scopes_of_one_flow_sharing_a_table_are_refused_before_any_agent_runs(
+    tmp_path: Path, make_companies: Callable[..., pa.Table]
+) -> None:
+    seen: list[str] = []
+
+    def build(store: Any, name: str) -> type[af.Agent]:
+        @af.intelligent_streaming(stream_size=10, over="companies", state=store)
+        class Scope(af.Agent):
+            def call(self, context: Any) -> None:
+                seen.append(name)
+
+        @af.ends_batching
+        class End(af.Agent):
+            def call(self, context: Any) -> None:
+                seen.append("end")
+
+        return type(name, (Scope,), {}), End  # type: ignore[return-value]
+
+    shared = DuckDBState(tmp_path / "state.duckdb", table="shared", key="id")
+    first, end = build(shared, "First")  # type: ignore[misc]
+    second, _ = build(shared, "Second")  # type: ignore[misc]
+    with pytest.raises(af.ConfigurationError, match="both keep their state in table 'shared'"):
+        (first >> end >> second).run(companies=make_companies(20), progress=False)
+    same_file = DuckDBState(tmp_path / "state.duckdb", table="SHARED", key="id")
+    third, _ = build(same_file, "Third")  # type: ignore[misc]
+    with pytest.raises(af.ConfigurationError, match="Agents 'First' and 'Third'"):
+        (first >> end >> third).run(companies=make_companies(20), progress=False)
+    assert seen == []
+    (first >> end >> build(DuckDBState(), "Fourth")[0]).run(companies=make_companies(20))
+    assert seen == ["First", "First", "end", "Fourth", "Fourth"]
+
+
+def test_a_version_bump_is_the_same_scope_and_recomputes(
+    tmp_path: Path,
+    make_store: MakeStore,
+    scoring_agent: Build,
+    calls: list[list[Any]],
+    make_companies: Callable[..., pa.Table],
+) -> None:
+    path = tmp_path / "state.duckdb"
+    companies = make_companies(20)
+    run(scoring_agent(make_store(path, table="t"), 10), companies=companies)
+    calls.clear()
+    run(scoring_agent(make_store(path, table="t", version=2), 10), companies=companies)
+    assert sum(len(call) for call in calls) == 20

@@ -1,8 +1,13 @@
-"""State stores for streaming scopes: skip what is done, load it, persist what is new."""
+"""State stores for streaming scopes: skip what is done, load it, persist what is new.
+
+``DuckDBState`` keeps what is done in a DuckDB database; ``MemoryState`` behaves the same, in
+memory (a double for tests, a store for runs that need no durability).
+"""
 
 from __future__ import annotations
 
 from arrowflow.state.base import ScopeInfo, StateStore
 from arrowflow.state.duckdb import DuckDBState
+from arrowflow.state.memory import MemoryState
 
-__all__ = ["DuckDBState", "ScopeInfo", "StateStore"]
+__all__ = ["DuckDBState", "MemoryState", "ScopeInfo", "StateStore"]

@@ -1,147 +1,207 @@
-"""What a run over a whole table learns before its first stream: the done rows and their results.
+"""One join per run: what is done in the whole input, learnt before the first stream.
 
-One query joins the input's keys with the done keys and the stored results; afterwards each
-stream's mask and stored rows are slices of its answer, found from the stream's position in
-the input. Streams are zero-copy slices of the input, so their position is read off the
-buffers they share with it, and then checked against the keys themselves.
+When the keys of the whole input are known up front — a table input, or a Parquet scan, which
+reads its key column alone (:func:`arrowflow.state.base.input_keys`) — the run asks the
+database twice, once each, instead of once per stream:
+
+1. which input positions hold a key that has anything stored, and under which fingerprint: the
+   done mask over the whole input (one bit per row), and whether some keys are stored under
+   another fingerprint (``stale``: their rows must be replaced when they are stored again);
+2. the stored rows of the done keys, ordered by input position, as a stream of record batches.
+
+A stream is the input's rows ``offset`` to ``offset + rows`` (its :class:`StreamInfo`), so its
+mask is a slice of the first answer, and its stored rows the next rows of the second: they are
+read as streams ask for them and dropped once the streams before them completed (the executor
+reports streams in order), so memory holds the stored rows of the streams in flight, not of
+the whole input. The sort behind the second query is DuckDB's, within its ``memory_limit``,
+spilling to its temp directory. A stream whose keys are not the input's at its offset (a
+caller that changed them) is answered by the per-stream queries instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from arrowflow.state._layout import quote, registered
+from arrowflow.state._results import NOT_DONE
 
 if TYPE_CHECKING:
     import duckdb
 
     from arrowflow.state._results import ResultTable
+    from arrowflow.state.base import StreamInfo
 
 __all__ = ["Resume"]
 
 _INPUT_VIEW = "arrowflow_input_view"
 _POS = "__arrowflow_pos"
 _ROWID = "__arrowflow_rowid"
-_FP = "__arrowflow_fp"
-
-
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    """One chunk of the input's key column: its offset in its buffer, length, first row."""
-
-    offset: int
-    length: int
-    start: int
+#: Rows per batch read from the ordered stored rows.
+_READ_ROWS = 65_536
 
 
 class Resume:
-    """The done mask over a table input, and the stored rows of the done keys in input order.
+    """The done mask over an input whose keys are known, and its done rows' stored results.
+
+    When no input key is done, neither the keys nor a mask are kept: every stream's mask is
+    all ``False``, whatever its rows (the run's memory does not grow with the input's size).
 
     Attributes:
-        keys: the input's key column.
-        mask: ``True`` at the positions of the input whose key is done.
+        keys: the input's key column (``None`` when no key is done).
+        mask: ``True`` at the positions of the input whose key is done (``None`` likewise).
+        stale: some input keys have rows stored under another fingerprint.
     """
 
     def __init__(
-        self, keys: pa.ChunkedArray, mask: pa.Array, rows: pa.Table | None, *, stale: bool
+        self,
+        length: int,
+        keys: pa.ChunkedArray | None,
+        mask: pa.Array | None,
+        stale: bool,
+        rows: _OrderedRows | None,
     ) -> None:
+        self.length = length
         self.keys = keys
         self.mask = mask
         self.stale = stale
         self._rows = rows
-        self._positions = None if rows is None else rows[_POS]
-        self._chunks = _chunk_map(keys)
 
     @classmethod
     def fetch(
-        cls, con: duckdb.DuckDBPyConnection, table: ResultTable, fp: int, keys: pa.ChunkedArray
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        table: ResultTable,
+        fp: int,
+        keys: pa.ChunkedArray,
     ) -> Resume:
-        """Ask the database once which of ``keys`` are done under ``fp``, and their rows.
-
-        Keys with something stored under another fingerprint make the resume ``stale``: their
-        rows must be deleted when they are stored again. Otherwise every key not done is known
-        to have nothing stored.
-        """
+        """Ask the database which of ``keys`` are done under ``fp``; stream their rows from
+        a cursor of ``con`` kept for this run (:meth:`close` releases it)."""
         n = len(keys)
-        positions = pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), n)), 1)
-        done = f"JOIN {table.done_sql} d ON d.key = k.key"
-        with registered(con, **{_INPUT_VIEW: pa.table({"key": keys, "pos": positions})}):
+        empty = con.sql(f"SELECT NOT EXISTS (SELECT 1 FROM {table.done_sql})").fetchall()
+        if empty[0][0]:  # a first run: nothing to join with
+            return cls(n, None, None, False, None)
+        position_type = pa.int32() if n < 2**31 else pa.int64()
+        positions = pa.array(np.arange(n, dtype=position_type.to_pandas_dtype()))
+        cursor: duckdb.DuckDBPyConnection | None = con.cursor()
+        assert cursor is not None
+        cursor.register(_INPUT_VIEW, pa.table({"key": keys, "pos": positions}))
+        try:
+            stored = cursor.sql(
+                f"SELECT k.pos, d.fp FROM {_INPUT_VIEW} k JOIN {table.done_sql} d ON d.key = k.key"
+            ).to_arrow_table()
+            mine = pc.equal(stored["fp"], fp)
+            stale = stored.num_rows > 0 and not pc.all(mine).as_py()
+            found = stored["pos"].filter(mine) if stale else stored["pos"]
+            if not len(found):
+                return cls(n, None, None, stale, None)
+            hits = pa.repeat(pa.scalar(True), len(found))
+            mask = pc.fill_null(pc.scatter(hits, found, max_index=n - 1), False)
+            mask = mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
+            rows = None
             if table.exists:
-                rows = con.sql(
-                    f'SELECT k.pos AS "{_POS}", d.fp AS "{_FP}", r.rowid AS "{_ROWID}", r.* '
-                    f"FROM {_INPUT_VIEW} k {done} LEFT JOIN {table.sql} r "
-                    f'ON r.{quote(table.key)} = k.key ORDER BY "{_POS}", "{_ROWID}"'
-                ).to_arrow_table()
-            else:
-                rows = con.sql(
-                    f'SELECT k.pos AS "{_POS}", d.fp AS "{_FP}" FROM {_INPUT_VIEW} k {done}'
-                ).to_arrow_table()
-        mine = pc.equal(rows[_FP], fp)
-        stale = rows.num_rows > 0 and not pc.all(mine).as_py()
-        if stale:
-            rows = rows.filter(mine)
-        found = rows[_POS]
-        hits = pa.repeat(pa.scalar(True), len(found))
-        mask = pc.fill_null(pc.scatter(hits, found, max_index=n - 1), False) if n else hits
-        return cls(keys, mask, rows if table.exists else None, stale=stale)
+                rows = _OrderedRows(cursor, table, fp)
+                cursor = None  # the rows keep it until the run ends
+        finally:
+            if cursor is not None:
+                cursor.close()
+        return cls(n, keys, mask, stale, rows)
 
-    def locate(self, keys: pa.ChunkedArray) -> int | None:
-        """The position in the input of the slice whose key column is ``keys``, if it is one."""
-        length = len(keys)
-        if length == 0:
+    def covers(self, stream: StreamInfo, keys: pa.ChunkedArray) -> bool:
+        """Whether ``keys`` are the input's keys at ``stream``'s rows (then this answers)."""
+        offset = stream.offset
+        if offset is None or offset + len(keys) > self.length:
+            return False
+        return self.keys is None or self.keys.slice(offset, len(keys)).equals(keys)
+
+    def mask_of(self, stream: StreamInfo, rows: int) -> pa.Array:
+        assert stream.offset is not None
+        if self.mask is None:
+            return pa.array(np.zeros(rows, dtype=np.bool_))
+        return self.mask.slice(stream.offset, rows)
+
+    def stored_rows(self, stream: StreamInfo, rows: int) -> pa.Table | None:
+        """The stored rows of the done keys of the stream's input rows, in input order, or
+        ``None`` when nothing is stored for them (read as the database gave them)."""
+        if self._rows is None:
             return None
-        first = next(chunk for chunk in keys.chunks if len(chunk))
-        address = _address(first)
-        for chunk in self._chunks.get(address, []) if address is not None else []:
-            inside = first.offset - chunk.offset
-            if 0 <= inside < chunk.length:
-                start = chunk.start + inside
-                if start + length <= len(self.keys) and self.keys[start : start + length].equals(
-                    keys
-                ):
-                    return int(start)
-        return None
+        assert stream.offset is not None
+        return self._rows.between(stream.offset, stream.offset + rows)
 
-    def is_done_slice(self, start: int, keys: pa.ChunkedArray, skipped: pa.ChunkedArray) -> bool:
-        """Whether ``skipped`` are exactly the done keys of the slice ``keys`` at ``start``."""
-        expected = keys.filter(self.mask[start : start + len(keys)])
-        return len(expected) == len(skipped) and expected.equals(skipped)
+    def completed(self, stream: StreamInfo) -> None:
+        """The streams up to ``stream`` are over: their stored rows are needed no more."""
+        if self._rows is not None and stream.offset is not None:
+            self._rows.drop_before(stream.offset + stream.rows)
 
-    def stored_rows(
-        self, start: int, length: int, table: ResultTable, like: pa.Table | None = None
-    ) -> pa.Table | None:
-        """The stored rows of the done keys among input rows ``start`` to ``start + length``.
-
-        ``like``: the input rows they stand for (see :meth:`ResultTable.restore_types`).
-        """
-        if self._rows is None or self._positions is None:
-            return None
-        bounds = pa.array([start, start + length], pa.int64())
-        low, high = pc.search_sorted(self._positions, bounds).to_pylist()
-        part = self._rows.slice(low, high - low)
-        if part[_ROWID].null_count:  # done keys the agents filtered out: no stored row
-            part = part.filter(pc.is_valid(part[_ROWID]))
-        part = part.drop_columns([_POS, _FP, _ROWID])
-        return table.restore_types(part, like)
+    def close(self) -> None:
+        if self._rows is not None:
+            self._rows.close()
 
 
-def _address(chunk: pa.Array) -> int | None:
-    buffers = chunk.buffers()
-    data = buffers[1] if len(buffers) > 1 else None
-    return None if data is None else int(data.address)
+class _OrderedRows:
+    """The stored rows of the done input keys, read in input order as streams ask for them."""
 
+    def __init__(self, cursor: duckdb.DuckDBPyConnection, table: ResultTable, fp: int) -> None:
+        self._cursor = cursor
+        self._lock = threading.Lock()
+        columns = table.stored_columns_sql(fp, "r")
+        done = f"{_INPUT_VIEW} k JOIN {table.done_sql} d ON d.key = k.key AND d.fp = {fp:d}"
+        select = f'SELECT k.pos AS "{_POS}", r.rowid AS "{_ROWID}", {columns} FROM {done}'
+        # Each done key's rows, and the rows its stream added under keys of their own (anchored
+        # at it, see arrowflow.state._results), at its position.
+        relation = cursor.sql(
+            f"{select} JOIN {table.sql} r ON r.{table.key_sql} = k.key UNION ALL "
+            f"{select} JOIN {table.done_sql} e ON e.anchor = k.key AND e.fp = {NOT_DONE:d} "
+            f"JOIN {table.sql} r ON r.{table.key_sql} = e.key "
+            f'ORDER BY "{_POS}", "{_ROWID}"'
+        )
+        # Older DuckDB releases only have fetch_record_batch, deprecated in DuckDB 2.
+        to_reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_record_batch
+        self._reader: pa.RecordBatchReader | None = to_reader(_READ_ROWS)
+        self._schema = self._reader.schema
+        # Batches read and not dropped yet, each with its positions (ascending).
+        self._buffer: list[tuple[pa.RecordBatch, np.ndarray]] = []
+        self._read_to = -1  # the highest position read so far
+        self._floor = 0  # rows before this position are needed no more
 
-def _chunk_map(keys: pa.ChunkedArray) -> dict[int, list[_Chunk]]:
-    """The input's key chunks by the address of their buffer (slices of one array share it)."""
-    chunks: dict[int, list[_Chunk]] = {}
-    start = 0
-    for chunk in keys.chunks:
-        address = _address(chunk)
-        if address is not None:
-            chunks.setdefault(address, []).append(_Chunk(chunk.offset, len(chunk), start))
-        start += len(chunk)
-    return chunks
+    def between(self, start: int, end: int) -> pa.Table:
+        """The rows at positions ``start`` to ``end``, without the bookkeeping columns."""
+        with self._lock:
+            while self._reader is not None and self._read_to < end - 1:
+                try:
+                    batch = self._reader.read_next_batch()
+                except StopIteration:
+                    self._finish()
+                    break
+                if batch.num_rows:
+                    positions = batch.column(0).to_numpy()
+                    self._buffer.append((batch, positions))
+                    self._read_to = int(positions[-1])
+            parts = []
+            for batch, positions in self._buffer:
+                if positions[-1] < start or positions[0] >= end:
+                    continue
+                low, high = np.searchsorted(positions, [start, end])
+                parts.append(batch.slice(int(low), int(high - low)))
+        part = pa.Table.from_batches(parts, schema=self._schema)
+        return part.drop_columns([_POS, _ROWID])
+
+    def drop_before(self, position: int) -> None:
+        with self._lock:
+            self._floor = max(self._floor, position)
+            while self._buffer and self._buffer[0][1][-1] < self._floor:
+                self._buffer.pop(0)
+
+    def _finish(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._finish()
+            self._buffer.clear()
+            self._cursor.close()

@@ -21,15 +21,16 @@ if TYPE_CHECKING:
 
     from arrowflow.state._results import ResultTable
     from arrowflow.state._resume import Resume
+    from arrowflow.state._writer import Writer
 
 __all__ = [
     "SEEN",
     "Run",
+    "check_owner",
     "check_seen",
     "fingerprint",
     "fingerprint_id",
     "record_run",
-    "stream_number",
 ]
 
 #: The keys each stream of a lazy input had, to find keys repeated across streams.
@@ -73,6 +74,8 @@ class Run:
     # The scope_id of the run's streams: calls from another run's streams are refused.
     scope_id: str | None = None
     resume: Resume | None = None
+    # Writes the run's results in the background (none for callables used outside a run).
+    writer: Writer | None = None
     # Streams of a lazy input whose keys are in the seen table (duplicates across streams).
     seen: set[int] | None = None
     # Whether the keys of the whole input were checked unique and not null, or the streams
@@ -85,11 +88,50 @@ class Run:
     fresh: bool = True
 
 
-def stream_number(context: Mapping[str, Any]) -> int | None:
-    """The stream a state callable was called for, from the stream's ``_batch_metadata``."""
-    meta = context.get("_batch_metadata")
-    number = meta.get("batch_number") if isinstance(meta, dict) else None
-    return number if isinstance(number, int) else None
+def check_owner(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    agents: tuple[str, ...],
+    field: str | None,
+    key: str,
+    where: str,
+) -> None:
+    """Refuse a scope that shares ``table`` with another one.
+
+    A scope is its agents, field and key (its ``version`` aside). A scope other than the one
+    that last wrote the table is taken as its replacement (its fingerprint differs, so it
+    recomputes everything) unless it wrote the table before: two scopes taking turns would
+    each undo the other's done keys, and neither would ever resume.
+    """
+    found = con.sql(
+        f"SELECT r.run_id, r.started_at, f.description FROM {SCHEMA}.runs r "
+        f"JOIN {SCHEMA}.fingerprints f ON f.fingerprint = r.fingerprint "
+        "WHERE lower(r.table_name) = lower(?) ORDER BY r.run_id DESC",
+        params=[table],
+    ).fetchall()
+    if not found:
+        return
+    mine = (list(agents), field, key)
+    runs = [(run_id, started, _scope_of(description)) for run_id, started, description in found]
+    last = runs[0][2]
+    if last == mine:
+        return
+    before = next((run for run in runs if run[2] == mine), None)
+    if before is None:
+        return
+    run_id, started, owner = runs[0]
+    raise ExecutionError(
+        f"{where}: table '{table}' is shared by two scopes: its last run (#{run_id}, started "
+        f"{started:%Y-%m-%d %H:%M:%S}) was of agents {', '.join(owner[0]) or 'none'} over field "
+        f"{owner[1]!r}, key {owner[2]!r}, and run #{before[0]} before it of this one (agents "
+        f"{', '.join(agents)} over field {field!r}, key {key!r}). Two scopes sharing a table "
+        "undo each other's work and never resume: give each store its own table= (or path=)."
+    )
+
+
+def _scope_of(description: str) -> tuple[list[str], str | None, str | None]:
+    scope = json.loads(description)
+    return list(scope.get("agents") or []), scope.get("field"), scope.get("key")
 
 
 def fingerprint_id(con: duckdb.DuckDBPyConnection, fp: str, description: str) -> int:
@@ -110,17 +152,10 @@ def fingerprint_id(con: duckdb.DuckDBPyConnection, fp: str, description: str) ->
 
 
 def check_seen(
-    con: duckdb.DuckDBPyConnection,
-    run: Run,
-    keys: pa.ChunkedArray,
-    context: Mapping[str, Any],
-    where: str,
+    con: duckdb.DuckDBPyConnection, run: Run, keys: pa.ChunkedArray, stream: int, where: str
 ) -> None:
     """Refuse keys that an earlier stream of the same lazy input already had."""
     assert run.seen is not None
-    stream = stream_number(context)
-    if stream is None:
-        return
     with registered(con, **{_BATCH_VIEW: pa.table({"key": keys})}):
         repeated = con.sql(
             f"SELECT key FROM {_BATCH_VIEW} WHERE key IN "

@@ -1,42 +1,60 @@
 """``DuckDBState``: vectorised, resumable state for a streaming scope, kept in DuckDB.
 
 The store skips the rows whose key is already done (an anti-join), loads their stored results
-(a semi-join) and persists each stream's new results together with its done keys (an upsert,
-one transaction per stream), so a rerun — even after ``kill -9`` — resumes where the last one
-stopped and returns what an uninterrupted run would have.
+(a semi-join) and persists each stream's new results together with its done keys (an upsert),
+so a rerun — even after ``kill -9`` — resumes where the last one stopped and returns what an
+uninterrupted run would have. The pieces:
+
+- :mod:`~arrowflow.state._layout`: the database's tables, opening it, errors that say what
+  happened;
+- :mod:`~arrowflow.state._keys`: what a key may be, and the null and duplicate checks;
+- :mod:`~arrowflow.state._results`: a result table and its done keys: upsert, load, schemas;
+- :mod:`~arrowflow.state._resume`: one join per run when the input's keys are known up front;
+- :mod:`~arrowflow.state._writer`: group commit of completed streams, in the background;
+- :mod:`~arrowflow.state._runs`: fingerprints, the scope owning a table, the runs' records.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from arrowflow._tabular import value_type
+from arrowflow._tabular import decoded, value_type
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 from arrowflow.state._keys import check_keys, key_column
-from arrowflow.state._layout import SCHEMA, duck_types, open_database, registered, transaction
+from arrowflow.state._layout import (
+    SCHEMA,
+    duck_types,
+    open_database,
+    registered,
+    store_errors,
+    transaction,
+)
 from arrowflow.state._results import ResultTable
 from arrowflow.state._resume import Resume
 from arrowflow.state._runs import (
     SEEN,
     Run,
+    check_owner,
     check_seen,
     fingerprint,
     fingerprint_id,
     record_run,
-    stream_number,
 )
+from arrowflow.state._writer import PendingWrite, Writer
+from arrowflow.state.base import StreamInfo, input_keys
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from arrowflow.state.base import ScopeInfo
 
@@ -77,6 +95,21 @@ class _FilesInUse:
 
 
 _files_in_use = _FilesInUse()
+_Method = TypeVar("_Method", bound="Callable[..., Any]")
+
+
+def _translating(method: _Method) -> _Method:
+    """``method`` with any DuckDB error turned into an ``ExecutionError`` naming the store and
+    saying what happened (interrupts excepted): no raw ``duckdb`` exception leaves the store."""
+
+    @functools.wraps(method)
+    def wrapper(self: DuckDBState, *args: Any, **kwargs: Any) -> Any:
+        with store_errors(self._where(None)):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 _KEY_TYPE_VIEW = "arrowflow_key_type_view"
 
 
@@ -85,7 +118,9 @@ class DuckDBState:
 
     Give it as ``state=`` to ``intelligent_streaming``: rows whose key is done under the
     scope's fingerprint are skipped and their stored results loaded; each stream's new results
-    and done keys are stored in one transaction as the stream completes. The fingerprint covers
+    and done keys are stored as the stream completes, by a writer that commits at most every
+    ``commit_interval`` seconds and always when the run ends (a ``kill -9`` loses at most the
+    streams of the last interval, which a rerun recomputes). The fingerprint covers
     the qualified names of the scope's agents, the streamed field, the key and ``version``:
     change any of them (bump ``version`` when an agent's logic changes) and every row is
     processed again, its stored results replaced.
@@ -103,11 +138,32 @@ class DuckDBState:
     process (DuckDB's file lock). A table of the same name that arrowflow did not create is
     refused and left untouched.
 
+    The key column must hold values Arrow and DuckDB compare alike: integers, strings,
+    binary, booleans, dates, times, timestamps or ``decimal128`` (or a dictionary of those).
+    Float keys (``0.0`` and ``-0.0``, or two NaNs, are one key to DuckDB and two to Arrow),
+    struct, list, map and union keys, and null, duration, interval and extension keys are
+    refused before any agent runs: cast ids that pandas read as ``float64`` to ``int64`` (or
+    string) before the scope.
+
+    When the input's keys are known up front (a table, or a :func:`~arrowflow.scan_parquet`
+    reader, which reads its key column alone), skip and load are answered by one join for the
+    whole run, the stored rows read back in input order as the streams need them; another
+    reader is answered by a query per stream. DuckDB works within ``memory_limit``, spilling
+    to ``temp_directory``. Two scopes cannot share a table: a run of another scope (other
+    agents, field or key) than the one whose runs wrote it is refused at its start.
+
     Args:
         path: a database file (created if missing) or ``":memory:"``.
         table: the name of the result table.
         key: the key column: unique, never null, in the input and in the results.
         version: part of the fingerprint; change it to recompute everything.
+        commit_interval: at most this many seconds between a stream's completion and the
+            commit that makes it durable; ``0`` commits as soon as the writer can.
+        memory_limit: DuckDB's ``memory_limit`` while the store is open (``"2GB"``, or a
+            share of the machine's memory: ``"25%"``, the default); joins and sorts beyond it
+            spill to ``temp_directory``. ``None`` keeps DuckDB's own default (80%).
+        temp_directory: where DuckDB spills; ``None`` keeps DuckDB's default (``<path>.tmp``
+            beside a file database).
 
     Example:
         >>> import pyarrow as pa, pyarrow.compute as pc
@@ -132,6 +188,10 @@ class DuckDBState:
         table: str = "quick_fit",
         key: str = "id",
         version: str | int | None = None,
+        *,
+        commit_interval: float = 1.0,
+        memory_limit: str | None = "25%",
+        temp_directory: str | os.PathLike[str] | None = None,
     ) -> None:
         for name, value in (("table", table), ("key", key)):
             if not isinstance(value, str) or not value:
@@ -144,8 +204,34 @@ class DuckDBState:
             )
         if not isinstance(path, str | os.PathLike):
             raise ConfigurationError(f"DuckDBState: path= must be a path, got {path!r}.")
+        if (
+            not isinstance(commit_interval, int | float)
+            or isinstance(commit_interval, bool)
+            or not commit_interval >= 0
+        ):
+            raise ConfigurationError(
+                "DuckDBState: commit_interval= must be a number of seconds >= 0, got "
+                f"{commit_interval!r}."
+            )
+        self.commit_interval = float(commit_interval)
+        self._settings: dict[str, str] = {}
+        for name, setting in (("memory_limit", memory_limit), ("temp_directory", temp_directory)):
+            if setting is None:
+                continue
+            if not isinstance(setting, str | os.PathLike) or "'" in os.fspath(setting):
+                raise ConfigurationError(
+                    f"DuckDBState: {name}= must be a string without quotes, got {setting!r}."
+                )
+            self._settings[name] = os.fspath(setting)
         text = os.fspath(path)
         self.path: str = text if text == MEMORY else os.path.abspath(text)
+        if text != MEMORY and _catalog_name(self.path).lower() == SCHEMA:
+            # DuckDB names a file's catalog after it: "arrowflow.x" would be ambiguous.
+            raise ConfigurationError(
+                f"DuckDBState: path= {text!r} cannot be used: DuckDB would name its catalog "
+                f"'{SCHEMA}', like the schema arrowflow keeps its bookkeeping in. Give the file "
+                "another name, e.g. 'state.duckdb'."
+            )
         self.table = table
         self.key = key
         self.version = version
@@ -171,6 +257,25 @@ class DuckDBState:
         """Whether the store holds its database open."""
         return self._con is not None
 
+    @property
+    def pending_streams(self) -> int:
+        """The streams of the run in progress that completed and are not committed yet."""
+        run = self._run
+        writer = run.writer if run is not None else None
+        return 0 if writer is None else writer.pending
+
+    @property
+    def lifecycle(self) -> str:
+        """``"closed"`` (no database open), ``"open"`` (open between runs: ``":memory:"``, or
+        state callables used outside a run) or ``"running"`` (a run holds the store).
+
+        ``begin_run`` takes a closed or open store to running and ``end_run`` back to closed
+        (open for ``":memory:"``); :meth:`close` takes it to closed from anywhere.
+        """
+        if self._run is not None:
+            return "running"
+        return "open" if self._con is not None else "closed"
+
     def __enter__(self) -> DuckDBState:
         return self
 
@@ -180,22 +285,31 @@ class DuckDBState:
     def close(self) -> None:
         """Close the database (an in-memory one is then gone)."""
         with self._lock:
-            if self._run is not None:
+            run, self._run = self._run, None
+            if run is not None:
                 _files_in_use.release(self.path)
-            self._run = None
+                if run.scope_id is not None:
+                    self._ended.add(run.scope_id)
+                if run.writer is not None:
+                    with suppress(ExecutionError):  # logged by no one: the run is abandoned
+                        run.writer.close()
+                if run.resume is not None:
+                    run.resume.close()
             self._forget()
             con, self._con = self._con, None
             if con is not None:
                 con.close()
 
-    # -- lifecycle, called by the executor -------------------------------------------------
+    # -- the run, as the executor drives it (arrowflow.state.base.Store) ------------------
 
-    def begin_run(self, scope: ScopeInfo, source: pa.Table | None) -> None:
+    @_translating
+    def begin_run(self, scope: ScopeInfo, source: pa.Table | pa.RecordBatchReader | None) -> None:
         """Open the database, check the input's keys, and learn what is done.
 
-        For a table input the keys are checked (present, not null, unique, of the stored
-        type) and the done rows with their stored results fetched in one query; for a lazy
-        reader only the key's presence and type are checked here, the rest stream by stream.
+        When the input's keys are known up front (a table, a Parquet scan) they are checked
+        (present, not null, unique, of the stored type) and the done rows found in one join
+        (:mod:`arrowflow.state._resume`); for another reader only the key's presence and type
+        are checked here, the rest stream by stream.
         """
         with self._lock:
             if self._run is not None:
@@ -206,12 +320,7 @@ class DuckDBState:
                 )
             key = scope.key or self.key
             where = self._where(scope.field)
-            if key not in scope.schema.names:
-                raise ExecutionError(
-                    f"{where}: key column '{key}' is missing (columns: "
-                    f"{', '.join(scope.schema.names)}). Give the store the key= of a column of "
-                    "the input, or add the column before the scope."
-                )
+            key_column(scope.schema.empty_table(), key, where)
             _files_in_use.claim(self.path, self.table)
             try:
                 self._run = self._start(scope, key, source, where)
@@ -220,14 +329,22 @@ class DuckDBState:
                 self._release()
                 raise
 
-    def _start(self, scope: ScopeInfo, key: str, source: pa.Table | None, where: str) -> Run:
+    def _start(
+        self,
+        scope: ScopeInfo,
+        key: str,
+        source: pa.Table | pa.RecordBatchReader | None,
+        where: str,
+    ) -> Run:
         con = self._connection()
         table = self._result_table(key)
         key_type = self._key_type(con, table, scope.schema.field(key), where)
-        if source is not None:
-            check_keys(source[key], key, where)
+        keys = input_keys(source, key)
+        if keys is not None:
+            check_keys(keys, key, where)
         fp, description = fingerprint(scope.agents, scope.field, key, self.version)
         started = datetime.now(UTC)
+        check_owner(con, self.table, scope.agents, scope.field, key, where)
         with transaction(con):
             # This run holds the file: a run still marked running was killed with its process.
             con.execute(f"UPDATE {SCHEMA}.runs SET status = 'killed' WHERE status = 'running'")
@@ -242,19 +359,101 @@ class DuckDBState:
                 [run_id, self.table, fp, key, started],
             )
         run = Run(scope.field, key, fp, fp_id, table, run_id, started, scope_id=scope.scope_id)
-        run.checked_all = source is not None
-        if source is not None and source.num_rows:
-            run.resume = Resume.fetch(con, table, fp_id, source[key])
-        elif source is None:
+        run.checked_all = keys is not None
+        if keys is not None:
+            run.resume = Resume.fetch(con, table, fp_id, keys)
+        else:
             con.execute(f"CREATE OR REPLACE TEMP TABLE {SEEN} (stream BIGINT, key {key_type})")
             run.seen = set()
+        run.writer = Writer(con.cursor(), table, fp_id, self.commit_interval, where)
         self._fingerprint = fp
         return run
 
-    def record_failure(self, stream_num: int, batch: pa.Table, error: BaseException) -> None:
+    @_translating
+    def skip(self, stream: StreamInfo, batch: pa.Table) -> pa.Array:
+        """``True`` for the rows of ``batch`` whose key is done under the scope's fingerprint."""
+        run = self._current(stream, batch)
+        where = self._where(run.field, stream.num)
+        keys = key_column(batch, run.key, where)
+        # Within a run, remember what this stream's upsert may skip.
+        run.fresh_streams.discard(stream.num)
+        resume = run.resume
+        if resume is not None and resume.covers(stream, keys):
+            if not resume.stale and run.table.is_keyed_alone:
+                run.fresh_streams.add(stream.num)
+            return resume.mask_of(stream, len(keys))
+        check_keys(keys, run.key, where)
+        run.checked.add(stream.num)
+        with self._lock:
+            con = self._connection(run)
+            if run.seen is not None:
+                check_seen(con, run, keys, stream.num, where)
+            stored = run.table.stored_keys(con, keys)
+        mine = pc.equal(stored["fp"], run.fp_id)
+        only_mine = stored.num_rows == 0 or pc.all(mine).as_py()
+        if run.run_id is not None and only_mine and run.table.is_keyed_alone:
+            run.fresh_streams.add(stream.num)
+        # Plain values: a dictionary key matches them by value, and its codes might overflow.
+        done = stored["key"].filter(mine).cast(value_type(keys.type))
+        return pc.is_in(keys, value_set=done).combine_chunks()
+
+    @_translating
+    def load(self, stream: StreamInfo, skipped: pa.Table) -> pa.Table:
+        """The stored result rows of the ``skipped`` keys (those done; none for the others)."""
+        run = self._current(stream, skipped)
+        keys = key_column(skipped, run.key, self._where(run.field, stream.num))
+        piece = stream.context.get(run.field) if run.field is not None else None
+        resume = run.resume
+        if (
+            resume is not None
+            and isinstance(piece, pa.Table)
+            and run.key in piece.column_names
+            and resume.covers(stream, piece[run.key])
+            and piece[run.key].filter(resume.mask_of(stream, piece.num_rows)).equals(keys)
+        ):
+            rows = resume.stored_rows(stream, piece.num_rows)
+            if rows is None:
+                return pa.table({run.key: keys.slice(0, 0)})
+            return run.table.restore_types(rows, skipped)
+        with self._lock:
+            return run.table.load(self._connection(run), run.fp_id, keys, skipped)
+
+    @_translating
+    def persist(self, stream: StreamInfo, results: pa.Table, processed: pa.Table) -> None:
+        """Store ``results`` and mark the ``processed`` input keys done, atomically.
+
+        The keys marked done are those of ``processed`` (the rows that went through the
+        agents), so keys the agents filtered out are remembered too. In a run, the write is
+        handed to the run's writer (group commit, see :mod:`arrowflow.state._writer`).
+        """
+        run = self._current(stream, results)
+        if run.resume is not None:
+            run.resume.completed(stream)
+        if not processed.num_rows and not results.num_rows:
+            return
+        where = self._where(run.field, stream.num)
+        if run.key in processed.column_names:
+            keys = processed[run.key]
+        else:
+            keys = key_column(results, run.key, where)
+        run.table.check(results)
+        fresh = stream.num in run.fresh_streams
+        unique = run.checked_all or stream.num in run.checked
+        alone = _has_keys_outside(results, run.key, keys)
+        if run.writer is not None:
+            run.writer.submit(PendingWrite(stream.num, results, keys, fresh, unique, alone))
+            return
+        with self._lock:
+            con = self._connection(run)
+            with transaction(con):
+                run.table.upsert(con, run.fp_id, results, keys, fresh=False, unique=unique)
+
+    def record_failure(self, stream: StreamInfo, batch: pa.Table, error: BaseException) -> None:
         """Record a stream that failed after its retries; its keys stay not done."""
         with self._lock:
             run = self._run
+            if run is not None and run.resume is not None:
+                run.resume.completed(stream)
             key = run.key if run is not None else self.key
             keys = None
             if key in batch.column_names:
@@ -266,7 +465,7 @@ class DuckDBState:
                         None if run is None else run.run_id,
                         self.table,
                         "" if run is None else run.fingerprint,
-                        stream_num,
+                        stream.num,
                         batch.num_rows,
                         keys,
                         f"{type(error).__name__}: {error}",
@@ -275,81 +474,58 @@ class DuckDBState:
                 )
             except (duckdb.Error, ExecutionError) as exc:
                 logger.warning(
-                    "%s: could not record the failure of stream %s: %s", self, stream_num, exc
+                    "%s: could not record the failure of stream %s: %s", self, stream.num, exc
                 )
 
     def end_run(self, stats: Mapping[str, Any], status: str) -> None:
-        """Record the run and its streams, then release the database (a file is closed)."""
+        """Commit what the writer holds, record the run and its streams, then release the
+        database (a file is closed).
+
+        Raises:
+            ExecutionError: the pending results could not be stored (the run is recorded as
+                failed; a rerun recomputes those streams).
+        """
         with self._lock:
             run, self._run = self._run, None
-            if run is not None:
-                _files_in_use.release(self.path)
-                if run.scope_id is not None:
-                    self._ended.add(run.scope_id)
+            if run is None:
+                return
+            _files_in_use.release(self.path)
+            if run.scope_id is not None:
+                self._ended.add(run.scope_id)
             con = self._con
+            failure: BaseException | None = None
             try:
-                if run is not None and run.run_id is not None and con is not None:
+                if run.writer is not None:
+                    try:
+                        run.writer.close()
+                    except ExecutionError as exc:
+                        failure, status = exc, "failed"
+                if run.resume is not None:
+                    run.resume.close()
+                if run.run_id is not None and con is not None:
                     record_run(con, run, stats, status)
-                if run is not None and run.seen is not None and con is not None:
+                if run.seen is not None and con is not None:
                     con.execute(f"DROP TABLE IF EXISTS {SEEN}")
             except Exception as exc:
                 # Called from the executor's ``finally``: raising would hide the run's own error.
                 logger.warning("%s: could not record the run: %s", self, exc)
             finally:
                 self._release()
+            if failure is not None:
+                raise failure
 
-    # -- the state callables ---------------------------------------------------------------
+    # -- the state callables, for use as plain callables ------------------------
 
     def skip_if(self, batch: pa.Table, context: Mapping[str, Any]) -> pa.Array:
         """``True`` for the rows of ``batch`` whose key is done under the scope's fingerprint."""
-        run = self._current(context, batch)
-        where = self._where(run.field, context)
-        keys = key_column(batch, run.key, where)
-        # Within a run, remember what this stream's upsert may skip; streams are numbered anew
-        # by each run, so outside one nothing is remembered.
-        stream = stream_number(context) if run.run_id is not None else None
-        if stream is not None:
-            run.fresh_streams.discard(stream)
-        if run.resume is not None:
-            start = run.resume.locate(keys)
-            if start is not None:
-                if stream is not None and not run.resume.stale and run.table.is_keyed_alone:
-                    run.fresh_streams.add(stream)
-                mask: pa.Array = run.resume.mask[start : start + len(keys)]
-                return mask
-        check_keys(keys, run.key, where)
-        if stream is not None:
-            run.checked.add(stream)
-        with self._lock:
-            con = self._connection(run)
-            if run.seen is not None:
-                check_seen(con, run, keys, context, where)
-            stored = run.table.stored_keys(con, keys)
-        mine = pc.equal(stored["fp"], run.fp_id)
-        only_mine = stored.num_rows == 0 or pc.all(mine).as_py()
-        if stream is not None and only_mine and run.table.is_keyed_alone:
-            run.fresh_streams.add(stream)
-        # Plain values: a dictionary key matches them by value, and its codes might overflow.
-        done = stored["key"].filter(mine).cast(value_type(keys.type))
-        return pc.is_in(keys, value_set=done).combine_chunks()
+        return self.skip(_stream_of(context, batch), batch)
 
     def load_existing(self, skipped: pa.Table, context: Mapping[str, Any]) -> pa.Table:
         """The stored result rows of the ``skipped`` keys (those done; none for the others)."""
-        run = self._current(context, skipped)
-        keys = key_column(skipped, run.key, self._where(run.field, context))
-        piece = context.get(run.field) if run.field is not None else None
-        resume = run.resume
-        if resume is not None and isinstance(piece, pa.Table) and run.key in piece.column_names:
-            piece_keys = piece[run.key]
-            start = resume.locate(piece_keys)
-            if start is not None and resume.is_done_slice(start, piece_keys, keys):
-                rows = resume.stored_rows(start, len(piece_keys), run.table, skipped)
-                return rows if rows is not None else pa.table({run.key: keys.slice(0, 0)})
-        with self._lock:
-            return run.table.load(self._connection(run), run.fp_id, keys, skipped)
+        return self.load(_stream_of(context, skipped), skipped)
 
     def persist_each_stream(self, results: pa.Table, context: Mapping[str, Any]) -> None:
-        """Upsert ``results`` and mark the stream's processed input keys done, atomically.
+        """Upsert ``results`` and mark the stream's processed input keys done.
 
         The keys marked done are those of ``context[field]`` (the rows that went through the
         agents), so keys the agents filtered out are remembered too; without that field, the
@@ -357,29 +533,21 @@ class DuckDBState:
         """
         if isinstance(results, pa.RecordBatch):
             results = pa.Table.from_batches([results])
-        run = self._current(context, results)
-        inputs = context.get(run.field) if run.field is not None else None
-        if isinstance(inputs, pa.Table) and run.key in inputs.column_names:
-            keys = inputs[run.key]
-        else:
-            keys = key_column(results, run.key, self._where(run.field, context))
-        stream = stream_number(context) if run.run_id is not None else None
-        fresh = run.fresh and stream in run.fresh_streams
-        unique = run.checked_all or stream in run.checked
-        with self._lock:
-            con = self._connection(run)
-            if run.table.upsert(con, run.fp_id, results, keys, fresh=fresh, unique=unique):
-                # A row stored under a key outside the stream's input: a later stream may
-                # have that key, so its upsert must delete.
-                run.fresh = False
+        stream = _stream_of(context, results)
+        field = self._run.field if self._run is not None else _array_field(context)
+        inputs = context.get(field) if field is not None else None
+        processed = inputs if isinstance(inputs, pa.Table) else results
+        self.persist(stream, results, processed)
 
     # -- reading what is stored ------------------------------------------------------------
 
+    @_translating
     def to_arrow(self) -> pa.Table:
         """Every stored result row, ordered by key, with the types the agents produced."""
         with self._reading() as (con, table):
             return table.restore_types(table.read_all(con).read_all())
 
+    @_translating
     def to_parquet(self, path: str | os.PathLike[str]) -> int:
         """Write every stored result row to a Parquet file, ordered by key; return the count.
 
@@ -398,6 +566,7 @@ class DuckDBState:
                     rows += batch.num_rows
         return rows
 
+    @_translating
     def runs(self) -> pa.Table:
         """One row per run of this store's table: fingerprint, status, times and totals.
 
@@ -407,19 +576,19 @@ class DuckDBState:
         """
         return self._bookkeeping("runs", "run_id")
 
+    @_translating
     def failures(self) -> pa.Table:
         """One row per failed stream of this store's table: run, stream, rows, keys, error."""
         return self._bookkeeping("failures", "failed_at")
 
     # -- internals -------------------------------------------------------------------------
 
-    def _where(self, field: str | None, context: Mapping[str, Any] | None = None) -> str:
+    def _where(self, field: str | None, stream: int | None = None) -> str:
         where = f"State table '{self.table}' ({self.path})"
         if field is not None:
             where += f", field '{field}'"
-        meta = context.get("_batch_metadata") if context is not None else None
-        if isinstance(meta, dict) and meta.get("batch_number") is not None:
-            where += f", stream {meta['batch_number']}"
+        if stream:
+            where += f", stream {stream}"
         return where
 
     def _connection(self, run: Run | None = None) -> duckdb.DuckDBPyConnection:
@@ -430,7 +599,16 @@ class DuckDBState:
         if run is not None and run.run_id is not None and run is not self._run:
             raise _ended(self._where(run.field))
         if self._con is None:
-            self._con = open_database(self.path)
+            con = open_database(self.path)
+            try:
+                for name, value in self._settings.items():
+                    con.execute(f"SET {name} = '{value}'")
+            except duckdb.Error as exc:
+                con.close()
+                raise ConfigurationError(
+                    f"{self}: DuckDB refused the setting {name} = {value!r}: {exc}"
+                ) from exc
+            self._con = con
         return self._con
 
     def _forget(self) -> None:
@@ -468,25 +646,24 @@ class DuckDBState:
             )
         return found
 
-    def _current(self, context: Mapping[str, Any], sample: pa.Table) -> Run:
+    def _current(self, stream: StreamInfo, sample: pa.Table) -> Run:
         """The run in progress, or — for callables used outside a run — one for the field.
 
         A stream of a run that has ended (abandoned after a timeout or an interrupt) is
         refused: it must never reopen the database nor write to it.
         """
-        meta = context.get("_batch_metadata")
-        if isinstance(meta, dict) and meta.get("scope_id") in self._ended:
-            raise _ended(self._where(None, context))
+        if stream.scope_id is not None and stream.scope_id in self._ended:
+            raise _ended(self._where(None, stream.num))
         run = self._run
         if run is not None:
             return run
-        field = meta.get("array_field") if isinstance(meta, dict) else None
+        field = _array_field(stream.context)
         with self._lock:
             loose = self._loose.get(field)
             if loose is None:
                 con = self._connection()
                 table = self._result_table(self.key)
-                where = self._where(field, context)
+                where = self._where(field, stream.num)
                 key_column(sample, self.key, where)
                 key_type = self._key_type(con, table, sample.schema.field(self.key), where)
                 fp, description = fingerprint((), field, self.key, self.version)
@@ -538,3 +715,45 @@ def _ended(where: str) -> ExecutionError:
         f"{where}: the run this stream belongs to has ended (abandoned after a timeout or an "
         "interrupt); nothing of it is read or stored any more."
     )
+
+
+def _catalog_name(path: str) -> str:
+    """The name DuckDB gives the catalog of a database file: its name up to the first dot."""
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def _stream_of(context: Mapping[str, Any], rows: pa.Table) -> StreamInfo:
+    """The stream a state callable was called for: the one the executor's context carries,
+    or one read from ``_batch_metadata`` (its position in the input unknown, the per-stream
+    queries answer)."""
+    stream = getattr(context, "stream", None)
+    if isinstance(stream, StreamInfo):
+        return stream
+    meta = context.get("_batch_metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    number = meta.get("batch_number")
+    scope_id = meta.get("scope_id")
+    return StreamInfo(
+        number if isinstance(number, int) else 0,
+        None,
+        rows.num_rows,
+        scope_id if isinstance(scope_id, str) else None,
+        context,
+    )
+
+
+def _array_field(context: Mapping[str, Any]) -> str | None:
+    meta = context.get("_batch_metadata")
+    field = meta.get("array_field") if isinstance(meta, dict) else None
+    return field if isinstance(field, str) else None
+
+
+def _has_keys_outside(results: pa.Table, key: str, keys: pa.ChunkedArray) -> bool:
+    """Whether ``results`` hold a key that is not among the stream's input ``keys``."""
+    if key not in results.column_names or not results.num_rows:
+        return False
+    found = results[key]
+    if found.equals(keys):
+        return False
+    # By value: Arrow wants a plain value set, and codes differ between encodings.
+    return bool(pc.any(pc.invert(pc.is_in(found, value_set=decoded(keys)))).as_py())
