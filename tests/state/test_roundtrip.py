@@ -472,3 +472,24 @@ def test_two_columns_of_one_name_are_refused_by_name(
 
     with pytest.raises(af.ExecutionError, match="several columns named 'x'"):
         _run(_enrich(open_store(), twice, []), _rows(N, lazy=False))
+
+
+def test_a_column_of_nulls_added_by_a_later_stream_round_trips(tmp_path: Path) -> None:
+    """An all-null column (Arrow's ``null`` type) that appears after the table exists is added
+    to it as DuckDB's NULL type, and comes back as ``null``."""
+    store = DuckDBState(tmp_path / "state.duckdb", table="t")
+
+    @af.intelligent_streaming(stream_size=2, over="rows", state=store)
+    class Late(af.Agent):
+        def call(self, context: Any) -> dict[str, pa.Table]:
+            rows = context["rows"]
+            if context["_batch_metadata"]["batch_number"] == 2:
+                rows = rows.append_column("w", pa.nulls(rows.num_rows))
+            return {"rows": rows}
+
+    rows = pa.table({"id": pa.array(range(4), pa.int64())})
+    first = af.Flow(Late).run(rows=rows)["rows"]
+    again = af.Flow(Late).run(rows=rows)
+    assert again.stats[0]["loaded_items"] == 4
+    assert again["rows"].equals(first)
+    assert first.schema.field("w").type == pa.null()

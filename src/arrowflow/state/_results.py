@@ -57,6 +57,7 @@ from arrowflow.state import _codec
 # The DDL of a metadata table databases written before it lack (created when first needed).
 from arrowflow.state._layout import _TABLES as _LAYOUT_TABLES
 from arrowflow.state._layout import SCHEMA, duck_types, quote, registered, results_table
+from arrowflow.state._schemas import encoded_like, merged_schema, merged_type
 
 if TYPE_CHECKING:
     import duckdb
@@ -408,7 +409,9 @@ class ResultTable:
             new_type = incoming[name]
             old_type = columns.get(name)
             if old_type is None:
-                con.execute(f"ALTER TABLE {self.sql} ADD COLUMN {quote(name)} {new_type}")
+                # An all-null column's type is written "NULL" (quoted) in DuckDB's DDL.
+                ddl_type = '"NULL"' if new_type == "NULL" else new_type
+                con.execute(f"ALTER TABLE {self.sql} ADD COLUMN {quote(name)} {ddl_type}")
             elif old_type != new_type and new_type != "NULL" and rows:
                 # Not this fingerprint's column (_merged_schema said so): its values are of
                 # rows other fingerprints stored, which the new type cannot hold.
@@ -452,27 +455,7 @@ class ResultTable:
     def _merged_schema(self, own: pa.Schema | None, schema: pa.Schema) -> pa.Schema:
         """The schema of the rows of a fingerprint that has stored ``own``, once ``schema``'s
         are stored too: an error if a column changed type."""
-        if own is None:
-            return schema
-        fields = []
-        for old in own:
-            index = schema.get_field_index(old.name)
-            if index < 0:
-                fields.append(old.with_nullable(True))
-                continue
-            new = schema.field(index)
-            kind = _merged_type(old.type, new.type)
-            if kind is None:
-                raise ExecutionError(
-                    f"State table '{self.name}': column '{new.name}' is {old.type} in the rows "
-                    f"stored under this fingerprint, but the agents now produce {new.type}. "
-                    f"Cast it in the agent to {old.type}, or bump the store's version= so that "
-                    "every row is recomputed with the new type."
-                )
-            fields.append(pa.field(new.name, kind, old.nullable or new.nullable, new.metadata))
-        known = set(own.names)
-        fields.extend(new.with_nullable(True) for new in schema if new.name not in known)
-        return pa.schema(fields, metadata=schema.metadata)
+        return merged_schema(own, schema, self.name)
 
     def _has_rows_of(self, con: duckdb.DuckDBPyConnection, fp: int) -> bool:
         """Whether result rows are stored under keys done under ``fp``."""
@@ -736,29 +719,10 @@ def _new_name(name: str, taken: set[str]) -> str:
     return f"{base}_{number}"
 
 
-def _merged_type(old: pa.DataType, new: pa.DataType) -> pa.DataType | None:
-    """The type of a column holding values of ``old`` and of ``new``; ``None`` if none does.
-
-    An all-null column takes the other's type; a dictionary keeps the wider of the two index
-    types, so that every stored value fits the type it is read back with.
-    """
-    if pa.types.is_null(old):
-        return new
-    if pa.types.is_null(new):
-        return old
-    if (
-        pa.types.is_dictionary(old)
-        and pa.types.is_dictionary(new)
-        and old.value_type.equals(new.value_type)
-    ):
-        return new if new.index_type.bit_width > old.index_type.bit_width else old
-    return new if old.equals(new) else None
-
-
 def _merged_field(old: pa.Field, new: pa.Field) -> pa.Field:
     """A column of the table once ``new``'s rows are stored in it (``old`` describing the
     rows before): the type of the latest agents where DuckDB's is the same."""
-    kind = _merged_type(old.type, new.type) or new.type
+    kind = merged_type(old.type, new.type) or new.type
     return pa.field(new.name, kind, old.nullable or new.nullable, new.metadata)
 
 
@@ -770,32 +734,7 @@ def _restored(
         and pa.types.is_dictionary(target)
         and pa.types.is_dictionary(source.type)
     ):
-        encoded = _encoded_like(column, source)
+        encoded = encoded_like(column, source)
         if encoded is not None:
             return encoded
     return column if column.type.equals(target) else column.cast(target)
-
-
-def _encoded_like(values: pa.ChunkedArray, source: pa.ChunkedArray) -> pa.ChunkedArray | None:
-    """``values`` encoded with the dictionary and index type of ``source``, or ``None`` when
-    that dictionary lacks some of them."""
-    if source.num_chunks == 0:
-        return None
-    kind = source.type
-    # Slices of one input share its dictionary; otherwise one that holds every chunk's values.
-    chunks = source.chunks if source.num_chunks == 1 else source.unify_dictionaries().chunks
-    dictionary = chunks[0].dictionary
-    try:
-        positions = pc.index_in(values.cast(dictionary.type), value_set=dictionary)
-        indices = positions.cast(kind.index_type)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return None
-    if indices.null_count != values.null_count:
-        return None
-    return pa.chunked_array(
-        [
-            pa.DictionaryArray.from_arrays(chunk, dictionary, ordered=kind.ordered)
-            for chunk in indices.chunks
-        ],
-        type=kind,
-    )

@@ -21,7 +21,15 @@ import pyarrow.compute as pc
 from arrowflow._tabular import decoded, value_type
 from arrowflow.exceptions import ExecutionError
 
-__all__ = ["comparable", "conformed", "evolved", "merged_schema", "restored"]
+__all__ = [
+    "comparable",
+    "conformed",
+    "encoded_like",
+    "evolved",
+    "merged_schema",
+    "merged_type",
+    "restored",
+]
 
 
 def comparable(kind: pa.DataType) -> pa.DataType:
@@ -61,7 +69,7 @@ def merged_schema(own: pa.Schema | None, schema: pa.Schema, table: str) -> pa.Sc
             fields.append(old.with_nullable(True))
             continue
         new = schema.field(index)
-        kind = _merged_type(old.type, new.type)
+        kind = merged_type(old.type, new.type)
         if kind is None:
             raise ExecutionError(
                 f"State table '{table}': column '{new.name}' is {old.type} in the rows stored "
@@ -95,7 +103,7 @@ def evolved(
                 retyped.append(new.name)
             fields[new.name] = new.with_nullable(True)
         else:
-            kind = _merged_type(old.type, new.type) or new.type
+            kind = merged_type(old.type, new.type) or new.type
             fields[new.name] = pa.field(new.name, kind, old.nullable or new.nullable, new.metadata)
     if rows:
         # The rows just stored have no value in the columns they lack.
@@ -136,7 +144,7 @@ def restored(rows: pa.Table, schema: pa.Schema, like: pa.Table) -> pa.Table:
             and pa.types.is_dictionary(field.type)
             and pa.types.is_dictionary(source.type)
         ):
-            encoded = _encoded_like(columns[i], source)
+            encoded = encoded_like(columns[i], source)
             if encoded is not None:
                 columns[i], changed = encoded, True
     if not changed:
@@ -147,10 +155,10 @@ def restored(rows: pa.Table, schema: pa.Schema, like: pa.Table) -> pa.Table:
 
 def _holds(old: pa.DataType, new: pa.DataType) -> bool:
     """Whether a column of type ``new`` holds the values of type ``old`` as they are."""
-    return _merged_type(old, new) is not None or comparable(old) == comparable(new)
+    return merged_type(old, new) is not None or comparable(old) == comparable(new)
 
 
-def _merged_type(old: pa.DataType, new: pa.DataType) -> pa.DataType | None:
+def merged_type(old: pa.DataType, new: pa.DataType) -> pa.DataType | None:
     """The type of a column holding values of ``old`` and of ``new``; ``None`` if none does.
 
     An all-null column takes the other's type; a dictionary keeps the wider of the two index
@@ -179,7 +187,7 @@ def _cast(column: pa.ChunkedArray, field: pa.Field) -> pa.ChunkedArray:
         ) from exc
 
 
-def _encoded_like(values: pa.ChunkedArray, source: pa.ChunkedArray) -> pa.ChunkedArray | None:
+def encoded_like(values: pa.ChunkedArray, source: pa.ChunkedArray) -> pa.ChunkedArray | None:
     """``values`` encoded with the dictionary and index type of ``source``, or ``None`` when
     that dictionary lacks some of them."""
     if source.num_chunks == 0:

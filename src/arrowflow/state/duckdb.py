@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from arrowflow._tabular import decoded, value_type
 from arrowflow.exceptions import ConfigurationError, ExecutionError
+from arrowflow.state._callables import StoreCallables, array_field, ended
 from arrowflow.state._keys import check_keys, key_column
 from arrowflow.state._layout import (
     SCHEMA,
@@ -113,7 +114,7 @@ def _translating(method: _Method) -> _Method:
 _KEY_TYPE_VIEW = "arrowflow_key_type_view"
 
 
-class DuckDBState:
+class DuckDBState(StoreCallables):
     """Skip, load and persist a streaming scope's rows by key, in a DuckDB database.
 
     Give it as ``state=`` to ``intelligent_streaming``: rows whose key is done under the
@@ -514,30 +515,8 @@ class DuckDBState:
             if failure is not None:
                 raise failure
 
-    # -- the state callables, for use as plain callables ------------------------
-
-    def skip_if(self, batch: pa.Table, context: Mapping[str, Any]) -> pa.Array:
-        """``True`` for the rows of ``batch`` whose key is done under the scope's fingerprint."""
-        return self.skip(_stream_of(context, batch), batch)
-
-    def load_existing(self, skipped: pa.Table, context: Mapping[str, Any]) -> pa.Table:
-        """The stored result rows of the ``skipped`` keys (those done; none for the others)."""
-        return self.load(_stream_of(context, skipped), skipped)
-
-    def persist_each_stream(self, results: pa.Table, context: Mapping[str, Any]) -> None:
-        """Upsert ``results`` and mark the stream's processed input keys done.
-
-        The keys marked done are those of ``context[field]`` (the rows that went through the
-        agents), so keys the agents filtered out are remembered too; without that field, the
-        keys of ``results``.
-        """
-        if isinstance(results, pa.RecordBatch):
-            results = pa.Table.from_batches([results])
-        stream = _stream_of(context, results)
-        field = self._run.field if self._run is not None else _array_field(context)
-        inputs = context.get(field) if field is not None else None
-        processed = inputs if isinstance(inputs, pa.Table) else results
-        self.persist(stream, results, processed)
+    def _run_field(self) -> str | None:
+        return None if self._run is None else self._run.field
 
     # -- reading what is stored ------------------------------------------------------------
 
@@ -597,7 +576,7 @@ class DuckDBState:
         Called under the lock: a stream abandoned by its run must never reopen the file.
         """
         if run is not None and run.run_id is not None and run is not self._run:
-            raise _ended(self._where(run.field))
+            raise ended(self._where(run.field))
         if self._con is None:
             con = open_database(self.path)
             try:
@@ -653,11 +632,11 @@ class DuckDBState:
         refused: it must never reopen the database nor write to it.
         """
         if stream.scope_id is not None and stream.scope_id in self._ended:
-            raise _ended(self._where(None, stream.num))
+            raise ended(self._where(None, stream.num))
         run = self._run
         if run is not None:
             return run
-        field = _array_field(stream.context)
+        field = array_field(stream.context)
         with self._lock:
             loose = self._loose.get(field)
             if loose is None:
@@ -710,42 +689,9 @@ class DuckDBState:
                     self._release()
 
 
-def _ended(where: str) -> ExecutionError:
-    return ExecutionError(
-        f"{where}: the run this stream belongs to has ended (abandoned after a timeout or an "
-        "interrupt); nothing of it is read or stored any more."
-    )
-
-
 def _catalog_name(path: str) -> str:
     """The name DuckDB gives the catalog of a database file: its name up to the first dot."""
     return os.path.basename(path).split(".", 1)[0]
-
-
-def _stream_of(context: Mapping[str, Any], rows: pa.Table) -> StreamInfo:
-    """The stream a state callable was called for: the one the executor's context carries,
-    or one read from ``_batch_metadata`` (its position in the input unknown, the per-stream
-    queries answer)."""
-    stream = getattr(context, "stream", None)
-    if isinstance(stream, StreamInfo):
-        return stream
-    meta = context.get("_batch_metadata")
-    meta = meta if isinstance(meta, dict) else {}
-    number = meta.get("batch_number")
-    scope_id = meta.get("scope_id")
-    return StreamInfo(
-        number if isinstance(number, int) else 0,
-        None,
-        rows.num_rows,
-        scope_id if isinstance(scope_id, str) else None,
-        context,
-    )
-
-
-def _array_field(context: Mapping[str, Any]) -> str | None:
-    meta = context.get("_batch_metadata")
-    field = meta.get("array_field") if isinstance(meta, dict) else None
-    return field if isinstance(field, str) else None
 
 
 def _has_keys_outside(results: pa.Table, key: str, keys: pa.ChunkedArray) -> bool:

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from arrowflow._tabular import decoded, value_type
 from arrowflow.exceptions import ConfigurationError, ExecutionError
+from arrowflow.state._callables import StoreCallables, array_field, ended
 from arrowflow.state._keys import check_keys, key_column, key_field
 from arrowflow.state._pieces import (
     Piece,
@@ -95,7 +96,7 @@ class _Run:
     seen: dict[int, pa.ChunkedArray] | None = None
 
 
-class MemoryState:
+class MemoryState(StoreCallables):
     """Skip, load and persist a streaming scope's rows by key, in memory.
 
     The same protocol and behaviour as :class:`~arrowflow.state.DuckDBState`, without a
@@ -351,7 +352,7 @@ class MemoryState:
                     owners = pc.if_else(outside, values[len(values) - 1], found)
         with self._lock:
             if run.row is not None and run is not self._run:
-                raise _ended(where)
+                raise ended(where)
             own, table = self._schemas.get(run.fp), self._table_schema
             retyped: list[str] = []
             if storable:  # see arrowflow.state._schemas
@@ -410,30 +411,8 @@ class MemoryState:
                 run.row.update(status=status, ended_at=datetime.now(UTC))
                 run.row.update({name: stats.get(name) for name in _TOTALS})
 
-    # -- the state callables, for use as plain callables ------------------------
-
-    def skip_if(self, batch: pa.Table, context: Mapping[str, Any]) -> pa.Array:
-        """``True`` for the rows of ``batch`` whose key is done under the scope's fingerprint."""
-        return self.skip(_stream_of(context, batch), batch)
-
-    def load_existing(self, skipped: pa.Table, context: Mapping[str, Any]) -> pa.Table:
-        """The stored result rows of the ``skipped`` keys (those done; none for the others)."""
-        return self.load(_stream_of(context, skipped), skipped)
-
-    def persist_each_stream(self, results: pa.Table, context: Mapping[str, Any]) -> None:
-        """Store ``results`` and mark the stream's processed input keys done.
-
-        The keys marked done are those of ``context[field]`` (the rows that went through the
-        agents), so keys the agents filtered out are remembered too; without that field, the
-        keys of ``results``.
-        """
-        if isinstance(results, pa.RecordBatch):
-            results = pa.Table.from_batches([results])
-        stream = _stream_of(context, results)
-        field = self._run.field if self._run is not None else _array_field(context)
-        inputs = context.get(field) if field is not None else None
-        processed = inputs if isinstance(inputs, pa.Table) else results
-        self.persist(stream, results, processed)
+    def _run_field(self) -> str | None:
+        return None if self._run is None else self._run.field
 
     # -- reading what is stored ------------------------------------------------------------
 
@@ -491,11 +470,11 @@ class MemoryState:
         refused: nothing of it is read or stored any more.
         """
         if stream.scope_id is not None and stream.scope_id in self._ended:
-            raise _ended(self._where(None, stream.num))
+            raise ended(self._where(None, stream.num))
         run = self._run
         if run is not None:
             return run
-        field = _array_field(stream.context)
+        field = array_field(stream.context)
         with self._lock:
             loose = self._loose.get((field, self.version))
             if loose is None:
@@ -648,35 +627,3 @@ class MemoryState:
 def _scope_of(description: str) -> tuple[list[str], str | None, str | None]:
     scope = json.loads(description)
     return list(scope.get("agents") or []), scope.get("field"), scope.get("key")
-
-
-def _ended(where: str) -> ExecutionError:
-    return ExecutionError(
-        f"{where}: the run this stream belongs to has ended (abandoned after a timeout or an "
-        "interrupt); nothing of it is read or stored any more."
-    )
-
-
-def _stream_of(context: Mapping[str, Any], rows: pa.Table) -> StreamInfo:
-    """The stream a state callable was called for: the one the executor's context carries,
-    or one read from ``_batch_metadata`` (its position in the input unknown)."""
-    stream = getattr(context, "stream", None)
-    if isinstance(stream, StreamInfo):
-        return stream
-    meta = context.get("_batch_metadata")
-    meta = meta if isinstance(meta, dict) else {}
-    number = meta.get("batch_number")
-    scope_id = meta.get("scope_id")
-    return StreamInfo(
-        number if isinstance(number, int) else 0,
-        None,
-        rows.num_rows,
-        scope_id if isinstance(scope_id, str) else None,
-        context,
-    )
-
-
-def _array_field(context: Mapping[str, Any]) -> str | None:
-    meta = context.get("_batch_metadata")
-    field = meta.get("array_field") if isinstance(meta, dict) else None
-    return field if isinstance(field, str) else None
