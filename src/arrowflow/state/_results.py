@@ -126,6 +126,12 @@ class ResultTable:
         self._done_type: str | None = None
         # The fingerprint and schema of the last results stored: the same need no DDL check.
         self._last: tuple[int, pa.Schema] | None = None
+        # For a shape, per (fingerprint mark, schema read): the schema to give rows read so
+        # (stream after stream), or False when their columns need decoding.
+        self._plain_reads: tuple[
+            _Shape | None, dict[tuple[str | None, pa.Schema], pa.Schema | bool]
+        ]
+        self._plain_reads = (None, {})
 
     @property
     def exists(self) -> bool:
@@ -657,6 +663,17 @@ class ResultTable:
                 (by_physical.get(name, table.schema.field(name)), name)
                 for name in table.column_names
             ]
+        known, plains = self._plain_reads
+        if known is not shape:  # what was worked out for another shape does not hold
+            plains = {}
+            self._plain_reads = (shape, plains)
+        plain = plains.get((mark, table.schema))
+        if plain is None:
+            plain = _plain_read(pairs, table.schema, schema.metadata) or False
+            plains[(mark, table.schema)] = plain
+        if plain is not False:
+            # Read as stored: the same columns, types as they were, only names and metadata.
+            return pa.Table.from_arrays([table[name] for _, name in pairs], schema=plain)
         fields = []
         columns = []
         read = set(table.column_names)
@@ -692,6 +709,20 @@ class ResultTable:
         to_reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
         reader: pa.RecordBatchReader = to_reader()
         return reader
+
+
+def _plain_read(
+    pairs: list[tuple[pa.Field, str]], read: pa.Schema, metadata: dict[bytes, bytes] | None
+) -> pa.Schema | None:
+    """The schema rows read as ``read`` take as they are, when every column of ``pairs`` was
+    read with its own type (no carrier to decode, no dictionary to encode); else ``None``."""
+    for field, name in pairs:
+        index = read.get_field_index(name)
+        if index < 0 or not read.field(index).type.equals(field.type):
+            return None
+        if pa.types.is_dictionary(field.type) or _codec.needs_carrier(field.type):
+            return None
+    return pa.schema([field for field, _ in pairs], metadata=metadata)
 
 
 def _columns_of(shape: _Shape, fp: int | None) -> list[tuple[pa.Field, str]]:

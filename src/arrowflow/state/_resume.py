@@ -152,12 +152,17 @@ class _OrderedRows:
         select = f'SELECT k.pos AS "{_POS}", r.rowid AS "{_ROWID}", {columns} FROM {done}'
         # Each done key's rows, and the rows its stream added under keys of their own (anchored
         # at it, see arrowflow.state._results), at its position.
-        relation = cursor.sql(
-            f"{select} JOIN {table.sql} r ON r.{table.key_sql} = k.key UNION ALL "
-            f"{select} JOIN {table.done_sql} e ON e.anchor = k.key AND e.fp = {NOT_DONE:d} "
-            f"JOIN {table.sql} r ON r.{table.key_sql} = e.key "
-            f'ORDER BY "{_POS}", "{_ROWID}"'
-        )
+        query = f"{select} JOIN {table.sql} r ON r.{table.key_sql} = k.key"
+        added = cursor.sql(
+            f"SELECT EXISTS (SELECT 1 FROM {table.done_sql} "
+            f"WHERE fp = {NOT_DONE:d} AND anchor IS NOT NULL)"
+        ).fetchall()
+        if added[0][0]:
+            query += (
+                f" UNION ALL {select} JOIN {table.done_sql} e ON e.anchor = k.key "
+                f"AND e.fp = {NOT_DONE:d} JOIN {table.sql} r ON r.{table.key_sql} = e.key"
+            )
+        relation = cursor.sql(f'{query} ORDER BY "{_POS}", "{_ROWID}"')
         # Older DuckDB releases only have fetch_record_batch, deprecated in DuckDB 2.
         to_reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_record_batch
         self._reader: pa.RecordBatchReader | None = to_reader(_READ_ROWS)
