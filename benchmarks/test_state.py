@@ -218,7 +218,7 @@ def by_hand_resume(path: Path, source: pa.Table | Path) -> pa.Table:
         con.register("new_rows", new_rows)
         con.execute("BEGIN TRANSACTION")
         con.execute(f"INSERT INTO {TABLE} BY NAME SELECT * EXCLUDE ({POS}) FROM new_rows")
-        con.execute(f"INSERT INTO {DONE} SELECT 1, id FROM new_rows")
+        con.execute(f"INSERT INTO {DONE} (fp, key) SELECT 1, id FROM new_rows")
         con.execute("COMMIT")
     return _in_input_order([new_rows, loaded])
 

@@ -30,9 +30,18 @@ def test_docstring_examples_run(module: object) -> None:
 
 
 def test_the_state_package_exports_the_stores_and_the_protocol() -> None:
-    assert arrowflow.state.__all__ == ["DuckDBState", "MemoryState", "ScopeInfo", "StateStore"]
+    assert arrowflow.state.__all__ == [
+        "DuckDBState",
+        "MemoryState",
+        "ScopeInfo",
+        "StateStore",
+        "Store",
+        "StreamInfo",
+    ]
     store = arrowflow.state.DuckDBState()
     assert isinstance(store, arrowflow.state.StateStore)
+    assert isinstance(store, arrowflow.state.Store)
+    assert isinstance(arrowflow.state.MemoryState(), arrowflow.state.Store)
     assert (store.path, store.table, store.key, store.version) == (
         ":memory:",
         "quick_fit",

@@ -380,9 +380,10 @@ class DuckDBState(StoreCallables):
         run.fresh_streams.discard(stream.num)
         resume = run.resume
         if resume is not None and resume.covers(stream, keys):
-            if not resume.stale and run.table.is_keyed_alone:
+            mask, fresh = resume.skip(stream, len(keys))
+            if fresh and run.table.is_keyed_alone:
                 run.fresh_streams.add(stream.num)
-            return resume.mask_of(stream, len(keys))
+            return mask
         check_keys(keys, run.key, where)
         run.checked.add(stream.num)
         with self._lock:
@@ -410,7 +411,7 @@ class DuckDBState(StoreCallables):
             and isinstance(piece, pa.Table)
             and run.key in piece.column_names
             and resume.covers(stream, piece[run.key])
-            and piece[run.key].filter(resume.mask_of(stream, piece.num_rows)).equals(keys)
+            and piece[run.key].filter(resume.skip(stream, piece.num_rows)[0]).equals(keys)
         ):
             rows = resume.stored_rows(stream, piece.num_rows)
             if rows is None:
