@@ -202,7 +202,7 @@ class _ScopeRun:
         self.began = False  # whether the store's begin_run returned: only then is end_run due
         limit = config.max_concurrency
         self.pool = DaemonPool(limit, "arrowflow-stream") if limit > 1 else None
-        self.in_flight: deque[tuple[StreamInfo, Future[StreamOutcome] | _Ran]] = deque()
+        self.in_flight: deque[tuple[StreamInfo, Future[StreamOutcome] | _Ran | _Starting]] = deque()
         executor.accumulated_results = []
 
     def _scope_info(self, agents: list[Agent], schema: pa.Schema) -> ScopeInfo:
@@ -250,7 +250,9 @@ class _ScopeRun:
                 stream = next(streams, None)
                 if stream is None:
                     break
-                in_flight.append((stream, self._start(stream)))
+                # In flight before it starts: a Ctrl-C landing while it starts still finds it.
+                in_flight.append((stream, _STARTING))
+                in_flight[-1] = (stream, self._start(stream))
             if not in_flight:
                 return
             stream, future = in_flight[0]
@@ -450,7 +452,9 @@ class _ScopeRun:
         setattr(error, "execution_stats", self.recorder.as_dict())  # noqa: B010
         return error
 
-    def _keep(self, completed: Iterable[tuple[StreamInfo, Future[StreamOutcome] | _Ran]]) -> None:
+    def _keep(
+        self, completed: Iterable[tuple[StreamInfo, Future[StreamOutcome] | _Ran | _Starting]]
+    ) -> None:
         """Persist and record, in stream order, the streams that completed before the stop."""
         for stream, future in completed:
             if isinstance(future, Future) and (future.cancelled() or future.exception()):
@@ -503,6 +507,24 @@ def _listed(numbers: list[int], limit: int = 10) -> str:
         return ""
     shown = ", ".join(map(str, numbers[:limit]))
     return f" (streams {shown}{', ...' if len(numbers) > limit else ''})"
+
+
+class _Starting:
+    """A stream being handed to the pool: not done, nothing to wait for or cancel yet."""
+
+    __slots__ = ()
+
+    def result(self) -> StreamOutcome:
+        raise AssertionError("a stream that was starting has no outcome")
+
+    def done(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False
+
+
+_STARTING = _Starting()
 
 
 class _Ran:
