@@ -109,11 +109,15 @@ class Writer:
             while self._pending_bytes >= _BLOCK_BYTES and self._error is None:
                 self._changed.wait(POLL)
             self._raise_error()
-            if not self._pending:
+            first = not self._pending
+            if first:
                 self._oldest = time.monotonic()
             self._pending.append(write)
             self._pending_bytes += write.results.nbytes + write.keys.nbytes
-            self._changed.notify_all()
+            # The writer waits for the first write, then for the interval to pass: waking it
+            # for each stream would only cost a thread switch per stream.
+            if first or self._interval == 0 or self._pending_bytes >= FLUSH_BYTES:
+                self._changed.notify_all()
 
     def flush(self) -> None:
         """Commit everything submitted so far, now; raise the writer's error if it failed."""
