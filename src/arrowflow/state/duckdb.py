@@ -385,7 +385,8 @@ class DuckDBState(StoreCallables):
                 run.fresh_streams.add(stream.num)
             return mask
         check_keys(keys, run.key, where)
-        run.checked.add(stream.num)
+        if run.run_id is not None:
+            run.checked.add(stream.num)
         with self._lock:
             con = self._connection(run)
             if run.seen is not None:
@@ -431,6 +432,13 @@ class DuckDBState(StoreCallables):
         run = self._current(stream, results)
         if run.resume is not None:
             run.resume.completed(stream)
+        # A stream is persisted once: what was noted of it is needed no more after this.
+        # (Outside a run, streams have no numbers to tell them apart: nothing was noted.)
+        in_run = run.run_id is not None
+        fresh = in_run and stream.num in run.fresh_streams
+        unique = run.checked_all or (in_run and stream.num in run.checked)
+        run.fresh_streams.discard(stream.num)
+        run.checked.discard(stream.num)
         if not processed.num_rows and not results.num_rows:
             return
         where = self._where(run.field, stream.num)
@@ -439,8 +447,6 @@ class DuckDBState(StoreCallables):
         else:
             keys = key_column(results, run.key, where)
         run.table.check(results)
-        fresh = stream.num in run.fresh_streams
-        unique = run.checked_all or stream.num in run.checked
         alone = _has_keys_outside(results, run.key, keys)
         if run.writer is not None:
             run.writer.submit(PendingWrite(stream.num, results, keys, fresh, unique, alone))
@@ -454,8 +460,11 @@ class DuckDBState(StoreCallables):
         """Record a stream that failed after its retries; its keys stay not done."""
         with self._lock:
             run = self._run
-            if run is not None and run.resume is not None:
-                run.resume.completed(stream)
+            if run is not None:
+                run.fresh_streams.discard(stream.num)
+                run.checked.discard(stream.num)
+                if run.resume is not None:
+                    run.resume.completed(stream)
             key = run.key if run is not None else self.key
             keys = None
             if key in batch.column_names:
