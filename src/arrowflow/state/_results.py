@@ -254,6 +254,7 @@ class ResultTable:
         *,
         fresh: bool = False,
         unique: bool = False,
+        added: bool = True,
     ) -> bool:
         """Store ``results`` in place of the rows of ``keys`` and of their own keys, and mark
         ``keys`` done under ``fp`` (and no other fingerprint), inside the caller's transaction.
@@ -264,6 +265,8 @@ class ResultTable:
         Args:
             fresh: nothing is stored for ``keys`` (the caller knows): no deletes for them.
             unique: ``keys`` are known unique and not null.
+            added: ``results`` may hold keys outside ``keys`` (``False``: the caller knows
+                they do not, and they are not looked for).
 
         Returns:
             Whether ``results`` had keys outside ``keys``.
@@ -280,14 +283,14 @@ class ResultTable:
         else:
             views[_KEYS_VIEW] = pa.table({"key": keys})
             keys_sql = f"SELECT key FROM {_KEYS_VIEW}"
-            if storable and results.num_rows:
+            if storable and added and results.num_rows:
                 # By value: Arrow wants a plain value set, and codes differ between encodings.
                 outside = pc.invert(pc.is_in(results[self.key], value_set=decoded(keys)))
                 if pc.any(outside).as_py():
-                    added = pc.unique(results[self.key].filter(outside))
+                    new_keys = pc.unique(results[self.key].filter(outside))
                     # The stream's last input key: where its added rows belong.
-                    anchor = keys.slice(len(keys) - 1).take(pa.array([0] * len(added)))
-                    extra = pa.table({"key": added, "anchor": decoded(anchor)})
+                    anchor = keys.slice(len(keys) - 1).take(pa.array([0] * len(new_keys)))
+                    extra = pa.table({"key": new_keys, "anchor": decoded(anchor)})
                     views[_EXTRA_VIEW] = extra
         with registered(con, **views):
             shape = self._shape

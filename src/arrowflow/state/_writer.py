@@ -214,7 +214,11 @@ class Writer:
             )
         fresh = not extras and all(write.fresh for write in group)
         unique = all(write.unique for write in group)
-        return self._table.upsert(self._con, self._fp, results, keys, fresh=fresh, unique=unique)
+        # A group of several holds no stream with added rows (see _groups): no need to look.
+        added = any(write.alone for write in group)
+        return self._table.upsert(
+            self._con, self._fp, results, keys, fresh=fresh, unique=unique, added=added
+        )
 
 
 def _groups(batch: list[PendingWrite]) -> list[list[PendingWrite]]:
