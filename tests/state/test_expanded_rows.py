@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pytest
 
 import arrowflow as af
-from arrowflow.state import DuckDBState
+from arrowflow.state import DuckDBState, _resume
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,6 +61,26 @@ def test_added_rows_come_back_in_their_place(
 
     calls.clear()
     again = af.Flow(_expanding(store, calls)).run(companies=_input(lazy, companies))
+    assert calls == []
+    assert again["companies"].equals(first["companies"])
+
+
+@pytest.mark.parametrize("read_rows", [3, 10, 11])
+def test_added_rows_split_across_batches_of_the_resume_query_come_back(
+    tmp_path: Path,
+    make_companies: Callable[..., pa.Table],
+    monkeypatch: pytest.MonkeyPatch,
+    read_rows: int,
+) -> None:
+    """A stream's added rows sit at its last key's position: read in batches of 10, the first
+    stream's stored rows end a batch and its added row starts the next one."""
+    monkeypatch.setattr(_resume, "_READ_ROWS", read_rows)
+    companies = make_companies(40).select(["id"])
+    store = DuckDBState(tmp_path / "state.duckdb")
+    first = af.Flow(_expanding(store, [])).run(companies=companies)
+
+    calls: list[int] = []
+    again = af.Flow(_expanding(store, calls)).run(companies=companies)
     assert calls == []
     assert again["companies"].equals(first["companies"])
 

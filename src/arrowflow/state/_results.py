@@ -126,12 +126,10 @@ class ResultTable:
         self._done_type: str | None = None
         # The fingerprint and schema of the last results stored: the same need no DDL check.
         self._last: tuple[int, pa.Schema] | None = None
-        # For a shape, per (fingerprint mark, schema read): the schema to give rows read so
-        # (stream after stream), or False when their columns need decoding.
-        self._plain_reads: tuple[
-            _Shape | None, dict[tuple[str | None, pa.Schema], pa.Schema | bool]
-        ]
-        self._plain_reads = (None, {})
+        # For a shape, per schema of rows read from the table: how to restore them.
+        self._reads: tuple[_Shape | None, dict[pa.Schema, _Read]] = (None, {})
+        # The schema of the last results found storable by check(): the same need one look.
+        self._checked: pa.Schema | None = None
 
     @property
     def exists(self) -> bool:
@@ -310,6 +308,9 @@ class ResultTable:
             ExecutionError: rows that cannot be stored: no key column, null keys, a key of a
                 type DuckDB cannot compare, two columns of one name.
         """
+        schema, checked = results.schema, self._checked
+        if checked is not None and (schema is checked or schema.equals(checked)):
+            return self._checked_key(results)
         if self.key not in results.column_names:
             if results.num_rows:
                 raise ExecutionError(
@@ -333,6 +334,11 @@ class ResultTable:
                 "DuckDB cannot compare as a key. Cast it (to an integer or a string) before "
                 "the scope and in the agents."
             )
+        self._checked_key(results)
+        self._checked = schema
+        return True
+
+    def _checked_key(self, results: pa.Table) -> bool:
         nulls = results[self.key].null_count
         if nulls:
             raise ExecutionError(
@@ -649,39 +655,29 @@ class ResultTable:
         Raises:
             ExecutionError: a column cannot take the type it was stored from.
         """
-        mark = next((name for name in table.column_names if name.startswith(_MARK)), None)
-        if mark is not None:
-            table = table.drop_columns([mark])
         shape = self._shape  # once: the run's writer may replace it meanwhile
         if shape is None:
-            return table
-        schema = shape.arrow
-        if mark is not None:
-            fp = int(mark[len(_MARK) :])
-            schema = shape.schemas.get(fp, schema)
-            pairs = _columns_of(shape, fp)
-        else:
-            by_physical = {name: field for field, name in _columns_of(shape, None)}
-            pairs = [
-                (by_physical.get(name, table.schema.field(name)), name)
-                for name in table.column_names
-            ]
-        known, plains = self._plain_reads
+            mark = _mark_of(table)
+            return table if mark is None else table.drop_columns([mark])
+        known, reads = self._reads
         if known is not shape:  # what was worked out for another shape does not hold
-            plains = {}
-            self._plain_reads = (shape, plains)
-        plain = plains.get((mark, table.schema))
-        if plain is None:
-            plain = _plain_read(pairs, table.schema, schema.metadata) or False
-            plains[(mark, table.schema)] = plain
-        if plain is not False:
-            # Read as stored: the same columns, types as they were, only names and metadata.
-            return pa.Table.from_arrays([table[name] for _, name in pairs], schema=plain)
+            reads = {}
+            self._reads = (shape, reads)
+        # Worked out once per schema read: stream after stream, the same.
+        read = reads.get(table.schema)
+        if read is None:
+            read = _Read.of(shape, table)
+            reads[table.schema] = read
+        if read.mark is not None:
+            table = table.drop_columns([read.mark])
+        if read.plain is not None:
+            # Read as stored: the same columns, types as they were; names and metadata.
+            return pa.Table.from_arrays([table[name] for _, name in read.pairs], schema=read.plain)
         fields = []
         columns = []
-        read = set(table.column_names)
-        for field, name in pairs:
-            if name in read:
+        names = set(table.column_names)
+        for field, name in read.pairs:
+            if name in names:
                 source = None
                 if like is not None and field.name in like.column_names:
                     source = like[field.name]
@@ -690,7 +686,7 @@ class ResultTable:
                 restored = pa.chunked_array([pa.nulls(table.num_rows, field.type)])
             fields.append(field.with_type(restored.type))
             columns.append(restored)
-        return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=schema.metadata))
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=read.metadata))
 
     def _decoded(
         self, column: pa.ChunkedArray, field: pa.Field, source: pa.ChunkedArray | None
@@ -726,6 +722,44 @@ def _plain_read(
         if pa.types.is_dictionary(field.type) or _codec.needs_carrier(field.type):
             return None
     return pa.schema([field for field, _ in pairs], metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """How rows read from the table with one schema are restored (see ``restore_types``).
+
+    Attributes:
+        mark: the column naming the fingerprint whose columns were selected, if any.
+        pairs: each field to restore, with the physical column it is read from.
+        metadata: the schema metadata to restore.
+        plain: the restored schema when the columns need no decoding (only names and
+            metadata change), else ``None``.
+    """
+
+    mark: str | None
+    pairs: list[tuple[pa.Field, str]]
+    metadata: dict[bytes, bytes] | None
+    plain: pa.Schema | None
+
+    @classmethod
+    def of(cls, shape: _Shape, table: pa.Table) -> _Read:
+        mark = _mark_of(table)
+        schema = shape.arrow
+        if mark is not None:
+            fp = int(mark[len(_MARK) :])
+            schema = shape.schemas.get(fp, schema)
+            pairs = _columns_of(shape, fp)
+        else:
+            by_physical = {name: field for field, name in _columns_of(shape, None)}
+            pairs = [
+                (by_physical.get(name, table.schema.field(name)), name)
+                for name in table.column_names
+            ]
+        return cls(mark, pairs, schema.metadata, _plain_read(pairs, table.schema, schema.metadata))
+
+
+def _mark_of(table: pa.Table) -> str | None:
+    return next((name for name in table.column_names if name.startswith(_MARK)), None)
 
 
 def _columns_of(shape: _Shape, fp: int | None) -> list[tuple[pa.Field, str]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,15 +46,6 @@ _BOOKKEEPING = [_POS, _FP, _ROWID]
 _READ_ROWS = 65_536
 
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """A stream's done mask, whether it is fresh, and its stored rows (``None``: none)."""
-
-    mask: pa.Array
-    fresh: bool
-    stored: pa.Table | None
-
-
 class Resume:
     """Answers skip and load for the streams of an input whose keys are known.
 
@@ -64,15 +55,11 @@ class Resume:
     """
 
     def __init__(
-        self, length: int, keys: pa.ChunkedArray | None, fp: int, rows: _OrderedRows | None
+        self, length: int, keys: pa.ChunkedArray | None, rows: _OrderedRows | None
     ) -> None:
         self.length = length
         self.keys = keys
-        self._fp = fp
         self._rows = rows
-        # Per stream in flight (by offset), its answer: streams ask twice (skip, then load).
-        self._answers: dict[int, _Answer] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def fetch(
@@ -87,7 +74,7 @@ class Resume:
         n = len(keys)
         empty = con.sql(f"SELECT NOT EXISTS (SELECT 1 FROM {table.done_sql})").fetchall()
         if empty[0][0]:  # a first run: nothing to join with
-            return cls(n, None, fp, None)
+            return cls(n, None, None)
         position_type = pa.int32() if n < 2**31 else pa.int64()
         positions = pa.array(np.arange(n, dtype=position_type.to_pandas_dtype()))
         cursor = con.cursor()
@@ -97,7 +84,7 @@ class Resume:
         except BaseException:
             cursor.close()
             raise
-        return cls(n, keys, fp, rows)
+        return cls(n, keys, rows)
 
     def covers(self, stream: StreamInfo, keys: pa.ChunkedArray) -> bool:
         """Whether ``keys`` are the input's keys at ``stream``'s rows (then this answers)."""
@@ -106,56 +93,85 @@ class Resume:
             return False
         return self.keys is None or self.keys.slice(offset, len(keys)).equals(keys)
 
-    def skip(self, stream: StreamInfo, rows: int) -> tuple[pa.Array, bool]:
+    def skip(self, stream: StreamInfo, rows: int) -> tuple[np.ndarray[Any, Any], bool]:
         """The done mask of the stream's ``rows`` input rows, and whether it is fresh."""
-        answer = self._answer(stream, rows)
-        return answer.mask, answer.fresh
+        assert stream.offset is not None
+        if self._rows is None:
+            return np.zeros(rows, dtype=np.bool_), True
+        mask, fresh, _ = self._rows.answer(stream.offset, stream.offset + rows, stored=False)
+        return mask, fresh
 
-    def stored_rows(self, stream: StreamInfo, rows: int) -> pa.Table | None:
-        """The stored rows of the done keys of the stream's input rows, in input order, or
-        ``None`` when nothing is stored for them (read as the database gave them)."""
-        return self._answer(stream, rows).stored
+    def stored_rows(
+        self, stream: StreamInfo, rows: int
+    ) -> tuple[np.ndarray[Any, Any], pa.Table | None]:
+        """The done mask of the stream's ``rows`` input rows and the stored rows of its done
+        keys, in input order (``None`` when nothing is stored: read as the database gave them)."""
+        assert stream.offset is not None
+        if self._rows is None:
+            return np.zeros(rows, dtype=np.bool_), None
+        mask, _, stored = self._rows.answer(stream.offset, stream.offset + rows, stored=True)
+        return mask, stored
 
     def completed(self, stream: StreamInfo) -> None:
         """The streams up to ``stream`` are over: their stored rows are needed no more."""
         if self._rows is not None and stream.offset is not None:
-            end = stream.offset + stream.rows
-            self._rows.drop_before(end)
-            with self._lock:
-                for offset in [offset for offset in self._answers if offset < end]:
-                    del self._answers[offset]
-
-    def _answer(self, stream: StreamInfo, rows: int) -> _Answer:
-        """What the query says of the stream's rows, worked out once per stream."""
-        assert stream.offset is not None
-        if self._rows is None:
-            return _Answer(pa.array(np.zeros(rows, dtype=np.bool_)), True, None)
-        with self._lock:
-            answer = self._answers.get(stream.offset)
-        if answer is not None and len(answer.mask) == rows:
-            return answer
-        part = self._rows.between(stream.offset, stream.offset + rows)
-        mine = part.column(_FP).to_numpy(zero_copy_only=False) == self._fp
-        mask = np.zeros(rows, dtype=np.bool_)
-        mask[part.column(_POS).to_numpy()[mine] - stream.offset] = True
-        loaded = mine & part.column(_ROWID).is_valid().to_numpy(zero_copy_only=False)
-        if not loaded.all():  # another fingerprint's keys, or done keys without rows
-            part = part.filter(pa.array(loaded))
-        answer = _Answer(pa.array(mask), bool(mine.all()), part.drop_columns(_BOOKKEEPING))
-        with self._lock:
-            self._answers[stream.offset] = answer
-        return answer
+            self._rows.drop_before(stream.offset + stream.rows)
 
     def close(self) -> None:
         if self._rows is not None:
             self._rows.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _Digest:
+    """One batch of the ordered query, worked out once for all the streams it answers.
+
+    Attributes:
+        first: the lowest input position of the batch.
+        last: the highest.
+        done: the positions stored under the run's fingerprint, ascending (a position repeats
+            when its stream added rows).
+        other: the positions stored under another fingerprint, ascending.
+        stored: the stored rows of the run's fingerprint, bookkeeping columns dropped.
+        stored_at: the input position of each of ``stored``'s rows.
+    """
+
+    first: int
+    last: int
+    done: np.ndarray[Any, Any]
+    other: np.ndarray[Any, Any]
+    stored: pa.Table
+    stored_at: np.ndarray[Any, Any]
+
+    @classmethod
+    def of(cls, batch: pa.RecordBatch, fp: int) -> _Digest:
+        positions = batch.column(_POS).to_numpy()
+        mine = batch.column(_FP).to_numpy(zero_copy_only=False) == fp
+        # A done key without rows (its agents filtered it out) is done but loads nothing.
+        loaded = mine & batch.column(_ROWID).is_valid().to_numpy(zero_copy_only=False)
+        stored = pa.Table.from_batches([batch]).drop_columns(_BOOKKEEPING)
+        if not loaded.all():
+            stored = stored.filter(loaded)
+        return cls(
+            int(positions[0]),
+            int(positions[-1]),
+            positions[mine],
+            positions[~mine],
+            stored,
+            positions[loaded],
+        )
+
+
 class _OrderedRows:
-    """The stored rows of the done input keys, read in input order as streams ask for them."""
+    """The stored rows of the done input keys, read in input order as streams ask for them.
+
+    Each batch read is digested once (:class:`_Digest`), so that a stream's answer is a few
+    binary searches and slices, whatever the number of streams a batch spans.
+    """
 
     def __init__(self, cursor: duckdb.DuckDBPyConnection, table: ResultTable, fp: int) -> None:
         self._cursor = cursor
+        self._fp = fp
         self._lock = threading.Lock()
         done = f"{_INPUT_VIEW} k JOIN {table.done_sql} d ON d.key = k.key"
         head = f'SELECT k.pos AS "{_POS}", d.fp AS "{_FP}"'
@@ -182,38 +198,59 @@ class _OrderedRows:
         # Older DuckDB releases only have fetch_record_batch, deprecated in DuckDB 2.
         to_reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_record_batch
         self._reader: pa.RecordBatchReader | None = to_reader(_READ_ROWS)
-        self._schema = self._reader.schema
-        # Batches read and not dropped yet, each with its positions (ascending).
-        self._buffer: list[tuple[pa.RecordBatch, np.ndarray]] = []
+        self._schema = pa.schema(
+            [field for field in self._reader.schema if field.name not in _BOOKKEEPING]
+        )
+        # Batches read and not dropped yet, in input order.
+        self._digests: list[_Digest] = []
         self._read_to = -1  # the highest position read so far
         self._floor = 0  # rows before this position are needed no more
 
-    def between(self, start: int, end: int) -> pa.Table:
-        """The rows at positions ``start`` to ``end``."""
+    def answer(
+        self, start: int, end: int, *, stored: bool
+    ) -> tuple[np.ndarray[Any, Any], bool, pa.Table | None]:
+        """For the rows at positions ``start`` to ``end``: the done mask, whether nothing is
+        stored under another fingerprint, and (when ``stored``) the stored rows, or ``None``."""
         with self._lock:
-            while self._reader is not None and self._read_to < end - 1:
+            # Rows of one position may span two batches (a stream's added rows are anchored
+            # at its last key): read past ``end - 1`` to have all of them.
+            while self._reader is not None and self._read_to < end:
                 try:
                     batch = self._reader.read_next_batch()
                 except StopIteration:
                     self._finish()
                     break
                 if batch.num_rows:
-                    positions = batch.column(0).to_numpy()
-                    self._buffer.append((batch, positions))
-                    self._read_to = int(positions[-1])
-            parts = []
-            for batch, positions in self._buffer:
-                if positions[-1] < start or positions[0] >= end:
-                    continue
-                low, high = np.searchsorted(positions, [start, end])
-                parts.append(batch.slice(int(low), int(high - low)))
-        return pa.Table.from_batches(parts, schema=self._schema)
+                    digest = _Digest.of(batch, self._fp)
+                    self._digests.append(digest)
+                    self._read_to = digest.last
+            digests = [digest for digest in self._digests if digest.last >= start]
+        mask = np.zeros(end - start, dtype=np.bool_)
+        fresh = True
+        parts = []
+        for digest in digests:
+            if digest.first >= end:
+                break
+            bounds = np.array([start, end], dtype=digest.done.dtype)
+            low, high = np.searchsorted(digest.done, bounds)
+            mask[digest.done[low:high] - start] = True
+            if fresh:
+                low, high = np.searchsorted(digest.other, bounds)
+                fresh = bool(low == high)
+            if stored:
+                low, high = np.searchsorted(digest.stored_at, bounds)
+                parts.append(digest.stored.slice(int(low), int(high - low)))
+        if not stored:
+            return mask, fresh, None
+        if len(parts) == 1:
+            return mask, fresh, parts[0]
+        return mask, fresh, pa.concat_tables(parts) if parts else self._schema.empty_table()
 
     def drop_before(self, position: int) -> None:
         with self._lock:
             self._floor = max(self._floor, position)
-            while self._buffer and self._buffer[0][1][-1] < self._floor:
-                self._buffer.pop(0)
+            while self._digests and self._digests[0].last < self._floor:
+                self._digests.pop(0)
 
     def _finish(self) -> None:
         reader, self._reader = self._reader, None
@@ -223,5 +260,5 @@ class _OrderedRows:
     def close(self) -> None:
         with self._lock:
             self._finish()
-            self._buffer.clear()
+            self._digests.clear()
             self._cursor.close()

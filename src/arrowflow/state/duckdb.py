@@ -383,7 +383,7 @@ class DuckDBState(StoreCallables):
             mask, fresh = resume.skip(stream, len(keys))
             if fresh and run.table.is_keyed_alone:
                 run.fresh_streams.add(stream.num)
-            return mask
+            return pa.array(mask)
         check_keys(keys, run.key, where)
         if run.run_id is not None:
             run.checked.add(stream.num)
@@ -412,12 +412,15 @@ class DuckDBState(StoreCallables):
             and isinstance(piece, pa.Table)
             and run.key in piece.column_names
             and resume.covers(stream, piece[run.key])
-            and piece[run.key].filter(resume.skip(stream, piece.num_rows)[0]).equals(keys)
         ):
-            rows = resume.stored_rows(stream, piece.num_rows)
-            if rows is None:
-                return pa.table({run.key: keys.slice(0, 0)})
-            return run.table.restore_types(rows, skipped)
+            mask, rows = resume.stored_rows(stream, piece.num_rows)
+            # The answer holds the rows of the stream's done keys: those of ``skipped`` when
+            # it is the stream's done rows, or all of its rows.
+            asked = piece[run.key] if len(keys) == piece.num_rows else piece[run.key].filter(mask)
+            if asked.equals(keys):
+                if rows is None:
+                    return pa.table({run.key: keys.slice(0, 0)})
+                return run.table.restore_types(rows, skipped)
         with self._lock:
             return run.table.load(self._connection(run), run.fp_id, keys, skipped)
 
