@@ -22,7 +22,7 @@ read, with a message saying what to cast to:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,7 +30,10 @@ import pyarrow.compute as pc
 from arrowflow._tabular import decoded
 from arrowflow.exceptions import ExecutionError
 
-__all__ = ["check_key_type", "check_keys", "key_column", "key_field"]
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["check_key_type", "check_keys", "in_increasing_order", "key_column", "key_field"]
 
 _SHOWN = 5
 _TO_PLAIN = "Cast the column to int64 or string before the scope"
@@ -101,6 +104,31 @@ def check_keys(keys: pa.ChunkedArray, key: str, where: str) -> None:
     )
 
 
+def in_increasing_order(chunks: Iterable[pa.Array]) -> bool:
+    """Whether keys read piece by piece, one piece held at a time, are in increasing order,
+    so unique, and none is null: the check of a first run over a lazy input, which keeps no
+    key. ``False`` at the first piece that is not: :func:`check_keys` then says why.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> in_increasing_order([pa.array([1, 2]), pa.array([5, 9])])
+        True
+        >>> in_increasing_order([pa.array([1, 2]), pa.array([2, 9])])
+        False
+    """
+    last: pa.Scalar | None = None
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        values = decoded(pa.chunked_array([chunk]))
+        if values.null_count or not _is_increasing(values):
+            return False
+        if last is not None and not pc.greater(values[0], last).as_py():
+            return False
+        last = values[-1]
+    return True
+
+
 def _refusal(values: pa.DataType) -> tuple[str, str] | None:
     """Why values of this type cannot be keys, and what to do; ``None`` when they can."""
     if _is_plain(values):
@@ -163,6 +191,8 @@ def _is_plain(values: pa.DataType) -> bool:
 
 
 def _is_increasing(keys: pa.ChunkedArray) -> bool:
+    if len(keys) < 2:
+        return True
     try:
         ordered = pc.all(pc.greater(keys[1:], keys[:-1])).as_py()
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):

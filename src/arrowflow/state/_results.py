@@ -217,6 +217,12 @@ class ResultTable:
             return self._shape.columns.get(self._physical(self.key))
         return None
 
+    def holds_nothing(self, con: duckdb.DuckDBPyConnection) -> bool:
+        """Whether no key is done under any fingerprint (a first run: nothing to skip)."""
+        if self._done_type is None:
+            return True
+        return bool(con.sql(f"SELECT NOT EXISTS (SELECT 1 FROM {self.done_sql})").fetchall()[0][0])
+
     def ensure_done_table(self, con: duckdb.DuckDBPyConnection, key_type: str) -> None:
         if self._done_type is None:
             con.execute(

@@ -30,6 +30,8 @@ import pyarrow as pa
 from arrowflow.state._results import NOT_DONE
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import duckdb
 
     from arrowflow.state._results import ResultTable
@@ -68,23 +70,29 @@ class Resume:
         table: ResultTable,
         fp: int,
         keys: pa.ChunkedArray,
+        read_all: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
     ) -> Resume:
         """Ask the database about ``keys`` under ``fp``, answered from a cursor of ``con``
-        kept for this run (:meth:`close` releases it)."""
+        kept for this run (:meth:`close` releases it); ``read_all`` is called with it once
+        the stored rows are all read."""
         n = len(keys)
-        empty = con.sql(f"SELECT NOT EXISTS (SELECT 1 FROM {table.done_sql})").fetchall()
-        if empty[0][0]:  # a first run: nothing to join with
+        if table.holds_nothing(con):  # a first run: nothing to join with
             return cls(n, None, None)
         position_type = pa.int32() if n < 2**31 else pa.int64()
         positions = pa.array(np.arange(n, dtype=position_type.to_pandas_dtype()))
         cursor = con.cursor()
         try:
             cursor.register(_INPUT_VIEW, pa.table({"key": keys, "pos": positions}))
-            rows = _OrderedRows(cursor, table, fp)
+            rows = _OrderedRows(cursor, table, fp, read_all)
         except BaseException:
             cursor.close()
             raise
         return cls(n, keys, rows)
+
+    @property
+    def reading(self) -> bool:
+        """Whether stored rows are still to be read from the database."""
+        return self._rows is not None and not self._rows.read_all
 
     def covers(self, stream: StreamInfo, keys: pa.ChunkedArray) -> bool:
         """Whether ``keys`` are the input's keys at ``stream``'s rows (then this answers)."""
@@ -169,9 +177,17 @@ class _OrderedRows:
     binary searches and slices, whatever the number of streams a batch spans.
     """
 
-    def __init__(self, cursor: duckdb.DuckDBPyConnection, table: ResultTable, fp: int) -> None:
+    def __init__(
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        table: ResultTable,
+        fp: int,
+        read_all: Callable[[duckdb.DuckDBPyConnection], None] | None,
+    ) -> None:
         self._cursor = cursor
         self._fp = fp
+        self._on_read_all = read_all
+        self.read_all = False
         self._lock = threading.Lock()
         done = f"{_INPUT_VIEW} k JOIN {table.done_sql} d ON d.key = k.key"
         head = f'SELECT k.pos AS "{_POS}", d.fp AS "{_FP}"'
@@ -219,6 +235,9 @@ class _OrderedRows:
                     batch = self._reader.read_next_batch()
                 except StopIteration:
                     self._finish()
+                    self.read_all = True
+                    if self._on_read_all is not None:
+                        self._on_read_all(self._cursor)
                     break
                 if batch.num_rows:
                     digest = _Digest.of(batch, self._fp)

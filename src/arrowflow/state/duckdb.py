@@ -28,10 +28,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arrowflow._row_counts import SourceChanged, known_column_chunks, known_num_rows
 from arrowflow._tabular import decoded, value_type
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 from arrowflow.state._callables import StoreCallables, array_field, ended
-from arrowflow.state._keys import check_keys, key_column
+from arrowflow.state._keys import check_keys, in_increasing_order, key_column
 from arrowflow.state._layout import (
     SCHEMA,
     duck_types,
@@ -163,6 +164,11 @@ class DuckDBState(StoreCallables):
         memory_limit: DuckDB's ``memory_limit`` while the store is open (``"2GB"``, or a
             share of the machine's memory: ``"25%"``, the default); joins and sorts beyond it
             spill to ``temp_directory``. ``None`` keeps DuckDB's own default (80%).
+        write_memory_limit: DuckDB's ``memory_limit`` once a run only writes: from its start
+            when nothing is stored yet, else once the stored rows of the resume join are all
+            read. Writing needs no cache of the blocks written, which DuckDB would otherwise
+            keep up to ``memory_limit``: a long run's memory stays flat. Never above
+            ``memory_limit``; ``None`` keeps ``memory_limit`` throughout.
         temp_directory: where DuckDB spills; ``None`` keeps DuckDB's default (``<path>.tmp``
             beside a file database).
 
@@ -192,6 +198,7 @@ class DuckDBState(StoreCallables):
         *,
         commit_interval: float = 1.0,
         memory_limit: str | None = "25%",
+        write_memory_limit: str | None = "64MB",
         temp_directory: str | os.PathLike[str] | None = None,
     ) -> None:
         for name, value in (("table", table), ("key", key)):
@@ -216,7 +223,12 @@ class DuckDBState(StoreCallables):
             )
         self.commit_interval = float(commit_interval)
         self._settings: dict[str, str] = {}
-        for name, setting in (("memory_limit", memory_limit), ("temp_directory", temp_directory)):
+        options = (
+            ("memory_limit", memory_limit),
+            ("write_memory_limit", write_memory_limit),
+            ("temp_directory", temp_directory),
+        )
+        for name, setting in options:
             if setting is None:
                 continue
             if not isinstance(setting, str | os.PathLike) or "'" in os.fspath(setting):
@@ -224,6 +236,7 @@ class DuckDBState(StoreCallables):
                     f"DuckDBState: {name}= must be a string without quotes, got {setting!r}."
                 )
             self._settings[name] = os.fspath(setting)
+        self._write_limit = self._settings.pop("write_memory_limit", None)
         text = os.fspath(path)
         self.path: str = text if text == MEMORY else os.path.abspath(text)
         if text != MEMORY and _catalog_name(self.path).lower() == SCHEMA:
@@ -338,11 +351,21 @@ class DuckDBState(StoreCallables):
         where: str,
     ) -> Run:
         con = self._connection()
+        if self._write_limit is not None:  # the last run may have left its write limit
+            limit = self._settings.get("memory_limit")
+            con.execute("RESET memory_limit" if limit is None else f"SET memory_limit = '{limit}'")
         table = self._result_table(key)
         key_type = self._key_type(con, table, scope.schema.field(key), where)
-        keys = input_keys(source, key)
-        if keys is not None:
-            check_keys(keys, key, where)
+        keys = None
+        # A first run over a scan whose keys come in order checks them piece by piece and
+        # keeps none: there is nothing stored to join them with.
+        checked = isinstance(source, pa.RecordBatchReader) and _keys_in_order(
+            con, table, source, key
+        )
+        if not checked:
+            keys = input_keys(source, key)
+            if keys is not None:
+                check_keys(keys, key, where)
         fp, description = fingerprint(scope.agents, scope.field, key, self.version)
         started = datetime.now(UTC)
         check_owner(con, self.table, scope.agents, scope.field, key, where)
@@ -360,10 +383,14 @@ class DuckDBState(StoreCallables):
                 [run_id, self.table, fp, key, started],
             )
         run = Run(scope.field, key, fp, fp_id, table, run_id, started, scope_id=scope.scope_id)
-        run.checked_all = keys is not None
-        if keys is not None:
-            run.resume = Resume.fetch(con, table, fp_id, keys)
-        else:
+        run.checked_all = checked or keys is not None
+        if checked:
+            run.resume = Resume(known_num_rows(source) or 0, None, None)  # nothing stored
+        elif keys is not None:
+            run.resume = Resume.fetch(con, table, fp_id, keys, self._only_writing)
+        if run.resume is None or not run.resume.reading:
+            self._only_writing(con)
+        if keys is None and not checked:
             con.execute(f"CREATE OR REPLACE TEMP TABLE {SEEN} (stream BIGINT, key {key_type})")
             run.seen = set()
         run.writer = Writer(con.cursor(), table, fp_id, self.commit_interval, where)
@@ -603,6 +630,17 @@ class DuckDBState(StoreCallables):
             self._con = con
         return self._con
 
+    def _only_writing(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Give DuckDB ``write_memory_limit`` (see the class docstring), on ``con``'s
+        database; ``memory_limit`` is set again when the next run starts."""
+        limit = self._write_limit
+        if limit is None:
+            return
+        user = self._settings.get("memory_limit")
+        if user is not None and _limit_bytes(con, user) < _limit_bytes(con, limit):
+            limit = user
+        con.execute(f"SET memory_limit = '{limit}'")
+
     def _forget(self) -> None:
         self._tables.clear()
         self._loose.clear()
@@ -705,6 +743,33 @@ class DuckDBState(StoreCallables):
 def _catalog_name(path: str) -> str:
     """The name DuckDB gives the catalog of a database file: its name up to the first dot."""
     return os.path.basename(path).split(".", 1)[0]
+
+
+def _limit_bytes(con: duckdb.DuckDBPyConnection, setting: str) -> float:
+    """The bytes DuckDB makes of a ``memory_limit`` setting (``"25%"``, ``"2GB"``); sets it."""
+    con.execute(f"SET memory_limit = '{setting}'")
+    shown = str(con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0])
+    value, _, unit = shown.partition(" ")
+    return float(value) * _BYTES_PER.get(unit, 1)
+
+
+_BYTES_PER = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
+
+
+def _keys_in_order(
+    con: duckdb.DuckDBPyConnection, table: ResultTable, source: pa.RecordBatchReader, key: str
+) -> bool:
+    """Whether ``source`` can read its key column alone, in increasing order and without a
+    null, while nothing is stored yet (see :func:`arrowflow.state._keys.in_increasing_order`)."""
+    if not table.holds_nothing(con):
+        return False
+    chunks = known_column_chunks(source, key)
+    if chunks is None:
+        return False
+    try:
+        return in_increasing_order(chunks)
+    except SourceChanged:
+        return False
 
 
 def _has_keys_outside(results: pa.Table, key: str, keys: pa.ChunkedArray) -> bool:

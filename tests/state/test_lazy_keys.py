@@ -1,0 +1,144 @@
+"""A first run over a Parquet scan checks its keys without gathering them, and a run gives
+DuckDB little memory once it only writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+import arrowflow as af
+from arrowflow.state import DuckDBState
+from arrowflow.state import duckdb as duckdb_state
+
+
+def _files(tmp_path: Path, *ids: list[int | None]) -> Path:
+    """One Parquet file per list of ids (row groups of 4 rows), in a directory."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for number, values in enumerate(ids):
+        table = pa.table({"id": pa.array(values, pa.int64()), "n": pa.array(range(len(values)))})
+        pq.write_table(table, folder / f"part-{number}.parquet", row_group_size=4)
+    return folder
+
+
+def _scoring(store: DuckDBState, calls: list[int]) -> type[af.Agent]:
+    @af.intelligent_streaming(stream_size=5, over="rows", state=store)
+    class Score(af.Agent):
+        def call(self, context: Any) -> dict[str, pa.Table]:
+            rows = context["rows"]
+            calls.extend(rows["id"].to_pylist())
+            return {"rows": rows.append_column("score", pc.multiply(rows["id"], 10))}
+
+    return Score
+
+
+def test_a_first_run_over_a_scan_in_key_order_never_gathers_its_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _files(tmp_path, list(range(10)), list(range(10, 23)))
+    store = DuckDBState(tmp_path / "state.duckdb")
+
+    def gathered(*args: Any) -> None:
+        raise AssertionError("the whole key column was read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(duckdb_state, "input_keys", gathered)
+        calls: list[int] = []
+        first = af.Flow(_scoring(store, calls)).run(rows=af.scan_parquet(folder))
+    assert calls == list(range(23))
+    assert first["rows"]["score"].to_pylist() == [10 * i for i in range(23)]
+
+    calls.clear()  # a rerun has something stored: it joins with the keys
+    again = af.Flow(_scoring(store, calls)).run(rows=af.scan_parquet(folder))
+    assert calls == []
+    assert again["rows"].equals(first["rows"])
+
+
+@pytest.mark.parametrize(
+    ("ids", "fragments"),
+    [
+        ([[0, 1, 2, 3, 4], [4, 5, 6]], ["1 duplicate", "4 (2 times)"]),  # across two files
+        ([[0, 1, 2, 3], [4, 5, 2, 7]], ["1 duplicate", "2 (2 times)"]),  # within a file
+        ([[0, 1, 2], [3, None, 5]], ["1 null", "rows 4"]),
+    ],
+    ids=["files", "row-groups", "null"],
+)
+def test_bad_keys_of_a_scan_are_refused_before_any_agent_runs(
+    tmp_path: Path, ids: list[list[int | None]], fragments: list[str]
+) -> None:
+    folder = _files(tmp_path, *ids)
+    calls: list[int] = []
+    with pytest.raises(af.ExecutionError) as info:
+        af.Flow(_scoring(DuckDBState(tmp_path / "state.duckdb"), calls)).run(
+            rows=af.scan_parquet(folder)
+        )
+    assert calls == []
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_unique_keys_of_a_scan_out_of_order_are_accepted(tmp_path: Path) -> None:
+    folder = _files(tmp_path, [5, 3, 9, 0], [1, 8, 2])
+    calls: list[int] = []
+    result = af.Flow(_scoring(DuckDBState(tmp_path / "state.duckdb"), calls)).run(
+        rows=af.scan_parquet(folder)
+    )
+    assert result["rows"]["id"].to_pylist() == [5, 3, 9, 0, 1, 8, 2]
+
+
+def _limit_seen(store: DuckDBState, seen: list[str], rows: int) -> type[af.Agent]:
+    """Notes DuckDB's memory_limit (in the store's database) as each stream runs."""
+
+    @af.intelligent_streaming(stream_size=rows, over="rows", state=store)
+    class Note(af.Agent):
+        def call(self, context: Any) -> dict[str, pa.Table]:
+            con = store._con  # the run's database: the setting is the instance's
+            assert con is not None
+            seen.append(con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0])
+            return {"rows": context["rows"]}
+
+    return Note
+
+
+def test_duckdb_gets_the_write_limit_once_the_run_only_writes(tmp_path: Path) -> None:
+    store = DuckDBState(tmp_path / "state.duckdb", memory_limit="1GB", write_memory_limit="64MB")
+    table = pa.table({"id": range(30)})
+    half = table.filter(pc.less(pc.remainder(table["id"], 10), 5))
+    seen: list[str] = []
+    af.Flow(_limit_seen(store, seen, 5)).run(rows=half)
+    assert seen == ["61.0 MiB"] * 3  # a first run: nothing to read, writing from the start
+
+    # Every stream has new rows; the resume join's rows are read as the streams need them,
+    # the last of them (id 24) by the skip of the third stream.
+    seen.clear()
+    af.Flow(_limit_seen(store, seen, 10)).run(rows=table)
+    assert seen == ["953.6 MiB", "953.6 MiB", "61.0 MiB"]
+
+
+def test_the_write_limit_is_never_above_the_memory_limit(tmp_path: Path) -> None:
+    store = DuckDBState(":memory:", memory_limit="32MB", write_memory_limit="64MB")
+    seen: list[str] = []
+    af.Flow(_limit_seen(store, seen, 10)).run(rows=pa.table({"id": range(10)}))
+    assert seen == ["30.5 MiB"]
+    store.close()
+
+
+def test_a_store_kept_open_starts_each_run_with_its_memory_limit(tmp_path: Path) -> None:
+    store = DuckDBState(":memory:", memory_limit="1GB", write_memory_limit="64MB")
+    table = pa.table({"id": range(20)})
+    seen: list[str] = []
+    half = table.filter(pc.less(pc.remainder(table["id"], 10), 5))
+    af.Flow(_limit_seen(store, seen, 10)).run(rows=half)
+    af.Flow(_limit_seen(store, seen, 10)).run(rows=table)
+    assert seen == ["61.0 MiB", "953.6 MiB", "61.0 MiB"]
+    store.close()
+
+
+def test_a_write_limit_with_a_quote_is_refused() -> None:
+    with pytest.raises(af.ConfigurationError, match="write_memory_limit="):
+        DuckDBState(":memory:", write_memory_limit="64MB'")
