@@ -95,9 +95,12 @@ def known_num_rows(reader: pa.RecordBatchReader) -> int | None:
     return None if remaining is None else max(remaining.num_rows, 0)
 
 
-def known_column(reader: pa.RecordBatchReader, name: str) -> pa.ChunkedArray | None:
-    """Column ``name`` of the rows ``reader`` has not yielded yet, read without the others, or
-    ``None`` when the reader cannot tell it (or its source changed since it was made).
+def known_column(
+    reader: pa.RecordBatchReader, name: str, *, whole: bool = False
+) -> pa.ChunkedArray | None:
+    """Column ``name`` of the rows ``reader`` has not yielded yet (of all its rows when
+    ``whole``), read without the others, or ``None`` when the reader cannot tell it (or its
+    source changed since it was made).
 
     Example:
         >>> import pyarrow as pa
@@ -108,7 +111,7 @@ def known_column(reader: pa.RecordBatchReader, name: str) -> pa.ChunkedArray | N
         >>> _ = reader.read_next_batch(); known_column(reader, "id").to_pylist()
         [3]
     """
-    chunks = known_column_chunks(reader, name)
+    chunks = known_column_chunks(reader, name, whole=whole)
     if chunks is None:
         return None
     try:
@@ -117,9 +120,11 @@ def known_column(reader: pa.RecordBatchReader, name: str) -> pa.ChunkedArray | N
         return None
 
 
-def known_column_chunks(reader: pa.RecordBatchReader, name: str) -> Iterator[pa.Array] | None:
-    """Column ``name`` of the rows ``reader`` has not yielded yet, one piece at a time (only
-    one held at once), or ``None`` when the reader cannot tell it.
+def known_column_chunks(
+    reader: pa.RecordBatchReader, name: str, *, whole: bool = False
+) -> Iterator[pa.Array] | None:
+    """Column ``name`` of the rows ``reader`` has not yielded yet (of all its rows when
+    ``whole``), one piece at a time, or ``None`` when the reader cannot tell it.
 
     Raises:
         SourceChanged: at the end, when the column had another number of rows than the reader
@@ -128,7 +133,7 @@ def known_column_chunks(reader: pa.RecordBatchReader, name: str) -> Iterator[pa.
     remaining = _known.get(reader)
     if remaining is None or remaining.column is None or name not in reader.schema.names:
         return None
-    consumed = remaining.total - max(remaining.num_rows, 0)
+    consumed = 0 if whole else remaining.total - max(remaining.num_rows, 0)
     return _rows_after(remaining.column(name), consumed, remaining.total)
 
 

@@ -60,26 +60,49 @@ def test_a_first_run_over_a_scan_in_key_order_never_gathers_its_keys(
 
 
 @pytest.mark.parametrize(
-    ("ids", "fragments"),
+    ("ids", "stream", "fragments"),
     [
-        ([[0, 1, 2, 3, 4], [4, 5, 6]], ["1 duplicate", "4 (2 times)"]),  # across two files
-        ([[0, 1, 2, 3], [4, 5, 2, 7]], ["1 duplicate", "2 (2 times)"]),  # within a file
-        ([[0, 1, 2], [3, None, 5]], ["1 null", "rows 4"]),
+        ([[0, 1, 2, 3, 4], [4, 5, 6]], 2, ["1 duplicate", "4 (2 times)"]),  # across two files
+        ([[0, 1, 2, 3], [4, 5, 2, 7]], 2, ["1 duplicate", "2 (2 times)"]),  # within a stream
+        ([[0, 1, 2], [3, None, 5]], 1, ["1 null", "rows 4"]),
     ],
-    ids=["files", "row-groups", "null"],
+    ids=["boundary", "within", "null"],
 )
-def test_bad_keys_of_a_scan_are_refused_before_any_agent_runs(
-    tmp_path: Path, ids: list[list[int | None]], fragments: list[str]
+def test_bad_keys_of_a_scan_fail_the_stream_that_finds_them_before_its_agents_run(
+    tmp_path: Path, ids: list[list[int | None]], stream: int, fragments: list[str]
 ) -> None:
+    """The whole key column is read and checked once a stream breaks the order: its message
+    names every duplicate, as a table input's does."""
     folder = _files(tmp_path, *ids)
     calls: list[int] = []
-    with pytest.raises(af.ExecutionError) as info:
-        af.Flow(_scoring(DuckDBState(tmp_path / "state.duckdb"), calls)).run(
-            rows=af.scan_parquet(folder)
-        )
-    assert calls == []
+    store = DuckDBState(tmp_path / "state.duckdb")
+    with pytest.raises(af.BatchExecutionError) as info:
+        af.Flow(_scoring(store, calls)).run(rows=af.scan_parquet(folder))
+    assert info.value.batch_number == stream
+    assert isinstance(info.value.original_error, af.ExecutionError)
     for fragment in fragments:
-        assert fragment in str(info.value)
+        assert fragment in str(info.value.original_error)
+    assert calls == [0, 1, 2, 3, 4][: 5 * (stream - 1)]
+
+
+def test_streams_checked_out_of_order_compare_their_neighbours(tmp_path: Path) -> None:
+    """With streams at once, a stream may be checked before the one ahead of it: the
+    duplicate on their boundary is found by whichever comes second."""
+    folder = _files(tmp_path, list(range(10)), [9, *range(10, 19)])
+    calls: list[int] = []
+
+    @af.intelligent_streaming(
+        stream_size=5, over="rows", state=DuckDBState(tmp_path / "s.duckdb"), max_concurrency=4
+    )
+    class Score(af.Agent):
+        def call(self, context: Any) -> dict[str, pa.Table]:
+            calls.extend(context["rows"]["id"].to_pylist())
+            return {"rows": context["rows"]}
+
+    with pytest.raises(af.BatchExecutionError) as info:
+        af.Flow(Score).run(rows=af.scan_parquet(folder))
+    assert "9 (2 times)" in str(info.value.original_error)
+    assert calls.count(9) < 2
 
 
 def test_unique_keys_of_a_scan_out_of_order_are_accepted(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ read, with a message saying what to cast to:
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -31,9 +32,9 @@ from arrowflow._tabular import decoded
 from arrowflow.exceptions import ExecutionError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable
 
-__all__ = ["check_key_type", "check_keys", "in_increasing_order", "key_column", "key_field"]
+__all__ = ["KeyOrder", "check_key_type", "check_keys", "key_column", "key_field"]
 
 _SHOWN = 5
 _TO_PLAIN = "Cast the column to int64 or string before the scope"
@@ -104,29 +105,67 @@ def check_keys(keys: pa.ChunkedArray, key: str, where: str) -> None:
     )
 
 
-def in_increasing_order(chunks: Iterable[pa.Array]) -> bool:
-    """Whether keys read piece by piece, one piece held at a time, are in increasing order,
-    so unique, and none is null: the check of a first run over a lazy input, which keeps no
-    key. ``False`` at the first piece that is not: :func:`check_keys` then says why.
+class KeyOrder:
+    """Checks a lazy input's keys stream by stream, keeping none, while they come in
+    increasing order (so unique, none null); at the first stream that breaks the order, the
+    whole key column is read and checked (:func:`check_keys`) once.
 
-    Example:
-        >>> import pyarrow as pa
-        >>> in_increasing_order([pa.array([1, 2]), pa.array([5, 9])])
-        True
-        >>> in_increasing_order([pa.array([1, 2]), pa.array([2, 9])])
-        False
+    Each stream's keys must increase within it, and its first key must be above the last key
+    of the stream before it (and its last below the first of the stream after): whichever of
+    two neighbours is checked second compares them, so streams may be checked in any order
+    (several at once), and only the ends of streams whose neighbour is not checked yet are
+    kept. A duplicate or a null is reported by the stream that finds it, before its agents run.
     """
-    last: pa.Scalar | None = None
-    for chunk in chunks:
-        if not len(chunk):
-            continue
-        values = decoded(pa.chunked_array([chunk]))
+
+    def __init__(self, read_all: Callable[[], pa.ChunkedArray | None], key: str) -> None:
+        self._read_all = read_all
+        self._key = key
+        self._lock = threading.Lock()
+        self._starts: dict[int, pa.Scalar] = {}  # by position: first key of the stream there
+        self._ends: dict[int, pa.Scalar] = {}  # by position: last key of the stream ending there
+        self._checked = False  # the whole column was read and found unique
+
+    def check(self, offset: int, keys: pa.ChunkedArray, where: str) -> None:
+        """Check the keys of the stream at ``offset``; ``ExecutionError`` if the input has
+        null or duplicate keys."""
+        if self._checked or not len(keys):
+            return
+        values = decoded(keys)
         if values.null_count or not _is_increasing(values):
-            return False
-        if last is not None and not pc.greater(values[0], last).as_py():
-            return False
-        last = values[-1]
-    return True
+            self._check_all(where)
+            return
+        first, last = values[0], values[-1]
+        with self._lock:
+            before = self._ends.pop(offset, None)
+            after = self._starts.pop(offset + len(keys), None)
+            if before is None:
+                self._starts[offset] = first
+            if after is None:
+                self._ends[offset + len(keys)] = last
+        if (before is not None and not _above(first, before)) or (
+            after is not None and not _above(after, last)
+        ):
+            self._check_all(where)
+
+    def _check_all(self, where: str) -> None:
+        with self._lock:
+            if self._checked:
+                return
+            keys = self._read_all()
+            if keys is None:
+                raise ExecutionError(
+                    f"{where}: the input changed while it was read (its files hold another "
+                    f"number of rows), so its '{self._key}' keys cannot be checked. Rerun once "
+                    "the files stay as they are."
+                )
+            check_keys(keys, self._key, where)
+            self._checked = True
+            self._starts.clear()
+            self._ends.clear()
+
+
+def _above(value: pa.Scalar, other: pa.Scalar) -> bool:
+    return bool(pc.greater(value, other).as_py())
 
 
 def _refusal(values: pa.DataType) -> tuple[str, str] | None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     import duckdb
 
+    from arrowflow.state._keys import KeyOrder
     from arrowflow.state._results import ResultTable
     from arrowflow.state._resume import Resume
     from arrowflow.state._writer import Writer
@@ -82,6 +83,8 @@ class Run:
     # whose keys were (a lazy input).
     checked_all: bool = False
     checked: set[int] = dataclasses.field(default_factory=set)
+    # A first run over a scan: its keys, checked as its streams come.
+    order: KeyOrder | None = None
     # Streams whose rows not done have nothing stored (as this store's skip_if found): their
     # upserts need no deletes, unless a stream stored rows under keys outside its input.
     fresh_streams: set[int] = dataclasses.field(default_factory=set)

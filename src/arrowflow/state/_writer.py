@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["FLUSH_BYTES", "PendingWrite", "Writer"]
 
 #: Pending results past this size are committed without waiting for the interval.
-FLUSH_BYTES = 8 << 20
+FLUSH_BYTES = 4 << 20
 #: Past this size, :meth:`Writer.submit` waits for a commit: memory stays bounded.
 _BLOCK_BYTES = 2 * FLUSH_BYTES
 

@@ -28,11 +28,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from arrowflow._row_counts import SourceChanged, known_column_chunks, known_num_rows
+from arrowflow._row_counts import known_column, known_column_chunks, known_num_rows
 from arrowflow._tabular import decoded, value_type
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 from arrowflow.state._callables import StoreCallables, array_field, ended
-from arrowflow.state._keys import check_keys, in_increasing_order, key_column
+from arrowflow.state._keys import KeyOrder, check_keys, key_column
 from arrowflow.state._layout import (
     SCHEMA,
     duck_types,
@@ -357,12 +357,16 @@ class DuckDBState(StoreCallables):
         table = self._result_table(key)
         key_type = self._key_type(con, table, scope.schema.field(key), where)
         keys = None
-        # A first run over a scan whose keys come in order checks them piece by piece and
-        # keeps none: there is nothing stored to join them with.
-        checked = isinstance(source, pa.RecordBatchReader) and _keys_in_order(
-            con, table, source, key
-        )
-        if not checked:
+        # A first run over a scan: nothing stored to join its keys with, so none is read up
+        # front; they are checked as its streams come (KeyOrder), in order at no cost.
+        order = None
+        if (
+            isinstance(source, pa.RecordBatchReader)
+            and known_column_chunks(source, key) is not None
+            and table.holds_nothing(con)
+        ):
+            order = KeyOrder(functools.partial(known_column, source, key, whole=True), key)
+        else:
             keys = input_keys(source, key)
             if keys is not None:
                 check_keys(keys, key, where)
@@ -383,14 +387,15 @@ class DuckDBState(StoreCallables):
                 [run_id, self.table, fp, key, started],
             )
         run = Run(scope.field, key, fp, fp_id, table, run_id, started, scope_id=scope.scope_id)
-        run.checked_all = checked or keys is not None
-        if checked:
+        run.checked_all = order is not None or keys is not None
+        run.order = order
+        if order is not None:
             run.resume = Resume(known_num_rows(source) or 0, None, None)  # nothing stored
         elif keys is not None:
             run.resume = Resume.fetch(con, table, fp_id, keys, self._only_writing)
         if run.resume is None or not run.resume.reading:
             self._only_writing(con)
-        if keys is None and not checked:
+        if run.resume is None:
             con.execute(f"CREATE OR REPLACE TEMP TABLE {SEEN} (stream BIGINT, key {key_type})")
             run.seen = set()
         run.writer = Writer(con.cursor(), table, fp_id, self.commit_interval, where)
@@ -407,6 +412,8 @@ class DuckDBState(StoreCallables):
         run.fresh_streams.discard(stream.num)
         resume = run.resume
         if resume is not None and resume.covers(stream, keys):
+            if run.order is not None and stream.offset is not None:
+                run.order.check(stream.offset, keys, where)
             mask, fresh = resume.skip(stream, len(keys))
             if fresh and run.table.is_keyed_alone:
                 run.fresh_streams.add(stream.num)
@@ -754,22 +761,6 @@ def _limit_bytes(con: duckdb.DuckDBPyConnection, setting: str) -> float:
 
 
 _BYTES_PER = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
-
-
-def _keys_in_order(
-    con: duckdb.DuckDBPyConnection, table: ResultTable, source: pa.RecordBatchReader, key: str
-) -> bool:
-    """Whether ``source`` can read its key column alone, in increasing order and without a
-    null, while nothing is stored yet (see :func:`arrowflow.state._keys.in_increasing_order`)."""
-    if not table.holds_nothing(con):
-        return False
-    chunks = known_column_chunks(source, key)
-    if chunks is None:
-        return False
-    try:
-        return in_increasing_order(chunks)
-    except SourceChanged:
-        return False
 
 
 def _has_keys_outside(results: pa.Table, key: str, keys: pa.ChunkedArray) -> bool:
