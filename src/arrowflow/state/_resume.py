@@ -12,10 +12,14 @@ its answer is the next rows of that stream: its done mask (the positions stored 
 run's fingerprint), whether it is *fresh* (nothing stored under another fingerprint: its
 upsert needs no deletes) and its stored rows. Rows are read as streams ask for them and
 dropped once the streams before them completed (the executor reports streams in order), so
-memory holds the rows of the streams in flight, not of the whole input. The sort behind the
-query is DuckDB's, within its ``memory_limit``, spilling to its temp directory. A first run
-(nothing stored at all) asks nothing and keeps nothing. A stream whose keys are not the
-input's at its offset (a caller that changed them) is answered by the per-stream queries.
+memory holds the rows of the streams in flight, not of the whole input. Each batch read is
+worked out once (:class:`_Digest`: positions done, positions stored under another
+fingerprint, stored rows without the bookkeeping columns), so a stream's answer is a few binary
+searches and zero-copy slices, however many streams a batch spans. The sort behind the query
+is DuckDB's, within its ``memory_limit``, spilling to its temp directory; once every stored row
+is read, the store may give DuckDB less (``write_memory_limit``). A first run (nothing stored
+at all) asks nothing and keeps nothing. A stream whose keys are not the input's at its offset
+(a caller that changed them) is answered by the per-stream queries.
 """
 
 from __future__ import annotations

@@ -150,9 +150,13 @@ class DuckDBState(StoreCallables):
     When the input's keys are known up front (a table, or a :func:`~arrowflow.scan_parquet`
     reader, which reads its key column alone), skip and load are answered by one join for the
     whole run, the stored rows read back in input order as the streams need them; another
-    reader is answered by a query per stream. DuckDB works within ``memory_limit``, spilling
-    to ``temp_directory``. Two scopes cannot share a table: a run of another scope (other
-    agents, field or key) than the one whose runs wrote it is refused at its start.
+    reader is answered by a query per stream. A first run over a Parquet scan reads no key up
+    front (nothing is stored to join them with): its keys are checked as its streams come, at
+    no cost while they are in increasing order; the first stream out of order has the whole
+    key column read and checked, and a duplicate or a null fails that stream before its agents
+    run. DuckDB works within ``memory_limit``, spilling to ``temp_directory``. Two scopes
+    cannot share a table: a run of another scope (other agents, field or key) than the one
+    whose runs wrote it is refused at its start.
 
     Args:
         path: a database file (created if missing) or ``":memory:"``.
@@ -322,8 +326,8 @@ class DuckDBState(StoreCallables):
 
         When the input's keys are known up front (a table, a Parquet scan) they are checked
         (present, not null, unique, of the stored type) and the done rows found in one join
-        (:mod:`arrowflow.state._resume`); for another reader only the key's presence and type
-        are checked here, the rest stream by stream.
+        (:mod:`arrowflow.state._resume`); on a first run over a scan, and for another reader,
+        only the key's presence and type are checked here, the rest stream by stream.
         """
         with self._lock:
             if self._run is not None:
