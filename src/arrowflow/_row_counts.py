@@ -14,27 +14,24 @@ Code that wraps a reader in another (to convert its batches on the way) calls
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
 __all__ = [
-    "SourceChanged",
     "carry_num_rows",
     "known_column",
-    "known_column_chunks",
     "known_num_rows",
     "reader_with_num_rows",
+    "reads_column",
 ]
 
-#: Reads one column of a reader's source, every row of it, piece by piece (a Parquet scan:
-#: row group by row group), without reading the others.
-ColumnReader = Callable[[str], Iterable[pa.Array]]
-
-
-class SourceChanged(Exception):
-    """A column read holds another number of rows than the reader counted: its source changed
-    since the reader was made."""
+#: Reads one column of a reader's source, every row of it, without reading the others.
+ColumnReader = Callable[[str], pa.ChunkedArray]
 
 
 class _Remaining:
@@ -106,48 +103,28 @@ def known_column(
         >>> import pyarrow as pa
         >>> table = pa.table({"id": [1, 2, 3], "x": [4, 5, 6]})
         >>> reader = reader_with_num_rows(
-        ...     table.schema, table.to_batches(max_chunksize=2), 3, lambda name: table[name].chunks
+        ...     table.schema, table.to_batches(max_chunksize=2), 3, lambda name: table[name]
         ... )
         >>> _ = reader.read_next_batch(); known_column(reader, "id").to_pylist()
         [3]
+        >>> known_column(reader, "id", whole=True).to_pylist()
+        [1, 2, 3]
     """
-    chunks = known_column_chunks(reader, name, whole=whole)
-    if chunks is None:
+    if not reads_column(reader, name):
         return None
-    try:
-        return pa.chunked_array(list(chunks), type=reader.schema.field(name).type)
-    except SourceChanged:
+    remaining = _known[reader]
+    assert remaining.column is not None
+    column = remaining.column(name)
+    if len(column) != remaining.total:  # the source changed since the reader was made
         return None
+    return column if whole else column.slice(remaining.total - max(remaining.num_rows, 0))
 
 
-def known_column_chunks(
-    reader: pa.RecordBatchReader, name: str, *, whole: bool = False
-) -> Iterator[pa.Array] | None:
-    """Column ``name`` of the rows ``reader`` has not yielded yet (of all its rows when
-    ``whole``), one piece at a time, or ``None`` when the reader cannot tell it.
-
-    Raises:
-        SourceChanged: at the end, when the column had another number of rows than the reader
-            counted.
-    """
+def reads_column(reader: pa.RecordBatchReader, name: str) -> bool:
+    """Whether :func:`known_column` can read column ``name`` of ``reader`` (a Parquet scan's
+    reader can)."""
     remaining = _known.get(reader)
-    if remaining is None or remaining.column is None or name not in reader.schema.names:
-        return None
-    consumed = 0 if whole else remaining.total - max(remaining.num_rows, 0)
-    return _rows_after(remaining.column(name), consumed, remaining.total)
-
-
-def _rows_after(chunks: Iterable[pa.Array], skipped: int, total: int) -> Iterator[pa.Array]:
-    """The rows of ``chunks`` after the first ``skipped``; ``SourceChanged`` at the end unless
-    they were ``total`` rows."""
-    seen = 0
-    for chunk in chunks:
-        start = min(max(skipped - seen, 0), len(chunk))
-        seen += len(chunk)
-        if start < len(chunk):
-            yield chunk.slice(start)
-    if seen != total:
-        raise SourceChanged(f"{seen} rows read where {total} were counted")
+    return remaining is not None and remaining.column is not None and name in reader.schema.names
 
 
 def carry_num_rows(source: pa.RecordBatchReader, wrapper: pa.RecordBatchReader) -> None:

@@ -79,21 +79,18 @@ def scan_parquet(
     return reader_with_num_rows(schema, batches, num_rows, partial(_read_column, files, schema))
 
 
-def _read_column(files: list[Path], schema: pa.Schema, name: str) -> Iterator[pa.Array]:
-    """Column ``name`` of every file, alone, row group by row group, typed as the scan yields
-    it (a state store reads the keys of the whole input this way)."""
+def _read_column(files: list[Path], schema: pa.Schema, name: str) -> pa.ChunkedArray:
+    """Column ``name`` of every file, alone, typed as the scan yields it (a state store reads
+    the keys of the whole input this way)."""
     field = schema.field(name)
+    chunks = []
     for file in files:
         try:
-            parquet = pq.ParquetFile(file)
-            try:
-                for group in range(parquet.metadata.num_row_groups):
-                    column = parquet.read_row_group(group, columns=[name])[name]
-                    yield from column.cast(field.type).chunks
-            finally:
-                parquet.close()
+            column = pq.read_table(file, columns=[name], pre_buffer=False)[name]
         except (OSError, pa.ArrowInvalid) as exc:
             raise ExecutionError(f"cannot read Parquet file {str(file)!r}: {exc}") from exc
+        chunks.extend(column.cast(field.type).chunks)
+    return pa.chunked_array(chunks, type=field.type)
 
 
 def _read_footer(file: Path) -> tuple[pa.Schema, int]:

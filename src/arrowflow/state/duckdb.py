@@ -28,7 +28,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from arrowflow._row_counts import known_column, known_column_chunks, known_num_rows
+from arrowflow._row_counts import known_column, known_num_rows, reads_column
 from arrowflow._tabular import decoded, value_type
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 from arrowflow.state._callables import StoreCallables, array_field, ended
@@ -366,7 +366,7 @@ class DuckDBState(StoreCallables):
         order = None
         if (
             isinstance(source, pa.RecordBatchReader)
-            and known_column_chunks(source, key) is not None
+            and reads_column(source, key)
             and table.holds_nothing(con)
         ):
             order = KeyOrder(functools.partial(known_column, source, key, whole=True), key)
