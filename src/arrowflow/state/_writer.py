@@ -42,7 +42,7 @@ __all__ = ["FLUSH_BYTES", "PendingWrite", "Writer"]
 #: Pending results past this size are committed without waiting for the interval.
 FLUSH_BYTES = 4 << 20
 #: Past this size, :meth:`Writer.submit` waits for a commit: memory stays bounded.
-_BLOCK_BYTES = 4 * FLUSH_BYTES
+_BLOCK_BYTES = 2 * FLUSH_BYTES
 
 
 @dataclass(frozen=True, slots=True)
