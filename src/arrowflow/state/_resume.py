@@ -74,11 +74,11 @@ class Resume:
         table: ResultTable,
         fp: int,
         keys: pa.ChunkedArray,
-        read_all: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+        on_read_all: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
     ) -> Resume:
         """Ask the database about ``keys`` under ``fp``, answered from a cursor of ``con``
-        kept for this run (:meth:`close` releases it); ``read_all`` is called with it once
-        the stored rows are all read."""
+        kept for this run (:meth:`close` releases it); ``on_read_all`` is called with that
+        cursor once the stored rows are all read."""
         n = len(keys)
         if table.holds_nothing(con):  # a first run: nothing to join with
             return cls(n, None, None)
@@ -87,7 +87,7 @@ class Resume:
         cursor = con.cursor()
         try:
             cursor.register(_INPUT_VIEW, pa.table({"key": keys, "pos": positions}))
-            rows = _OrderedRows(cursor, table, fp, read_all)
+            rows = _OrderedRows(cursor, table, fp, on_read_all)
         except BaseException:
             cursor.close()
             raise
@@ -186,11 +186,11 @@ class _OrderedRows:
         cursor: duckdb.DuckDBPyConnection,
         table: ResultTable,
         fp: int,
-        read_all: Callable[[duckdb.DuckDBPyConnection], None] | None,
+        on_read_all: Callable[[duckdb.DuckDBPyConnection], None] | None,
     ) -> None:
         self._cursor = cursor
         self._fp = fp
-        self._on_read_all = read_all
+        self._on_read_all = on_read_all
         self.read_all = False
         self._lock = threading.Lock()
         done = f"{_INPUT_VIEW} k JOIN {table.done_sql} d ON d.key = k.key"

@@ -391,7 +391,7 @@ class DuckDBState(StoreCallables):
                 [run_id, self.table, fp, key, started],
             )
         run = Run(scope.field, key, fp, fp_id, table, run_id, started, scope_id=scope.scope_id)
-        run.checked_all = order is not None or keys is not None
+        run.checked_all = keys is not None
         run.order = order
         if order is not None:
             run.resume = Resume(known_num_rows(source) or 0, None, None)  # nothing stored
@@ -418,6 +418,7 @@ class DuckDBState(StoreCallables):
         if resume is not None and resume.covers(stream, keys):
             if run.order is not None and stream.offset is not None:
                 run.order.check(stream.offset, keys, where)
+                run.checked.add(stream.num)
             mask, fresh = resume.skip(stream, len(keys))
             if fresh and run.table.is_keyed_alone:
                 run.fresh_streams.add(stream.num)
