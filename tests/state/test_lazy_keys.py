@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import arrowflow as af
+from arrowflow._row_counts import known_column
 from arrowflow.state import DuckDBState
 from arrowflow.state import duckdb as duckdb_state
 
@@ -165,3 +166,35 @@ def test_a_store_kept_open_starts_each_run_with_its_memory_limit(tmp_path: Path)
 def test_a_write_limit_with_a_quote_is_refused() -> None:
     with pytest.raises(af.ConfigurationError, match="write_memory_limit="):
         DuckDBState(":memory:", write_memory_limit="64MB'")
+
+
+def test_a_scan_with_bad_keys_is_read_whole_once_however_many_streams_notice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of order with a duplicate: the key column is read once, by the first stream, and
+    every stream is refused with what that read found (the last one, in order with its
+    neighbour, too), under ``on_error="continue"``."""
+    folder = _files(tmp_path, [9, 8, 7, 6, 5], [4, 3, 2, 1, 9])
+    reads: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> pa.ChunkedArray | None:
+        reads.append(1)
+        return known_column(*args, **kwargs)
+
+    monkeypatch.setattr(duckdb_state, "known_column", counted)
+
+    @af.intelligent_streaming(
+        stream_size=2,
+        over="rows",
+        state=DuckDBState(tmp_path / "state.duckdb"),
+        on_error="continue",
+    )
+    class Score(af.Agent):
+        def call(self, context: Any) -> dict[str, pa.Table]:
+            raise AssertionError("no stream has keys that can be trusted")
+
+    result = af.Flow(Score).run(rows=af.scan_parquet(folder))
+    streams = result.stats[0]["streams"]
+    assert streams["status"].to_pylist() == ["failed"] * 5
+    assert all("9 (2 times)" in error for error in streams["error"].to_pylist())
+    assert reads == [1]

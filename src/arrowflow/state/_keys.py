@@ -114,7 +114,8 @@ class KeyOrder:
     of the stream before it (and its last below the first of the stream after): whichever of
     two neighbours is checked second compares them, so streams may be checked in any order
     (several at once), and only the ends of streams whose neighbour is not checked yet are
-    kept. A duplicate or a null is reported by the stream that finds it, before its agents run.
+    kept. A duplicate or a null is reported by the stream that finds it, before its agents run,
+    and every stream checked after it is refused too: the input's keys cannot be trusted.
     """
 
     def __init__(self, read_all: Callable[[], pa.ChunkedArray | None], key: str) -> None:
@@ -124,10 +125,13 @@ class KeyOrder:
         self._starts: dict[int, pa.Scalar] = {}  # by position: first key of the stream there
         self._ends: dict[int, pa.Scalar] = {}  # by position: last key of the stream ending there
         self._checked = False  # the whole column was read and found unique
+        self._refusal: str | None = None  # or found not to be: why
 
     def check(self, offset: int, keys: pa.ChunkedArray, where: str) -> None:
         """Check the keys of the stream at ``offset``; ``ExecutionError`` if the input has
         null or duplicate keys."""
+        if self._refusal is not None:  # the input's keys were refused: none can be trusted
+            raise ExecutionError(f"{where}: refused with the rest of the input: {self._refusal}")
         if self._checked or not len(keys):
             return
         values = decoded(keys)
@@ -151,17 +155,30 @@ class KeyOrder:
         with self._lock:
             if self._checked:
                 return
-            keys = self._read_all()
-            if keys is None:
-                raise ExecutionError(
-                    f"{where}: the input changed while it was read (its files hold another "
-                    f"number of rows), so its '{self._key}' keys cannot be checked. Rerun once "
-                    "the files stay as they are."
-                )
+            if self._refusal is None:  # read once: later streams are refused with its reason
+                self._refusal = self._refused(where)
+                if self._refusal is None:
+                    self._checked = True
+                    self._starts.clear()
+                    self._ends.clear()
+                    return
+            raise ExecutionError(self._refusal)
+
+    def _refused(self, where: str) -> str | None:
+        """Why the whole key column cannot be keys (the first stream that found it named),
+        or ``None`` when it can."""
+        keys = self._read_all()
+        if keys is None:
+            return (
+                f"{where}: the input changed while it was read (its files hold another number "
+                f"of rows), so its '{self._key}' keys cannot be checked. Rerun once the files "
+                "stay as they are."
+            )
+        try:
             check_keys(keys, self._key, where)
-            self._checked = True
-            self._starts.clear()
-            self._ends.clear()
+        except ExecutionError as exc:
+            return str(exc)
+        return None
 
 
 def _above(value: pa.Scalar, other: pa.Scalar) -> bool:
