@@ -150,7 +150,7 @@ def _attempt(
                 else:
                     # One take, then two slices: half the kernel calls of two filters.
                     order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
-                    parted = piece.take(order)
+                    parted = piece.take(_indices(order))
                     todo, skipped = parted.slice(done), parted.slice(0, done)
                 loaded = store.load(stream, skipped)
     written: Fields = {}
@@ -217,6 +217,8 @@ def _persist(
 
 def _as_mask(mask: Any, piece: pa.Table, plan: StreamPlan, stream: StreamInfo) -> np.ndarray:
     """``skip_if``'s result (Arrow or numpy) as a numpy boolean mask; nulls mean keep."""
+    if isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (piece.num_rows,):
+        return mask
     array = mask if isinstance(mask, pa.Array | pa.ChunkedArray) else pa.array(mask)
     if not pa.types.is_boolean(array.type) or len(array) != piece.num_rows:
         raise ConfigurationError(
@@ -228,6 +230,12 @@ def _as_mask(mask: Any, piece: pa.Table, plan: StreamPlan, stream: StreamInfo) -
         array = pc.fill_null(array, pa.scalar(False))
     # numpy: at a stream's size, its operations cost a fraction of a compute call's.
     return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.bool_)
+
+
+def _indices(positions: np.ndarray) -> pa.Array:
+    # As an Arrow array: ``take`` given numpy indices converts them on a path that costs more
+    # than the take itself at a stream's size.
+    return pa.array(positions)
 
 
 def _combine(loaded: pa.Table, processed: pa.Table) -> pa.Table:
@@ -270,7 +278,7 @@ def _in_input_order(
         done = int(np.count_nonzero(mask))
         taken[mask] = np.arange(done)
         taken[~mask] = np.arange(done, len(mask))
-        return results.take(taken)
+        return results.take(_indices(taken))
     # By value: Arrow refuses a dictionary-encoded value set.
     positions = pc.index_in(results[key], value_set=decoded(keys))
     return results.take(pc.array_sort_indices(positions, null_placement="at_end"))  # stable

@@ -4,6 +4,7 @@ when the run ends; skip and load are one join per run whenever the input's keys 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import arrowflow as af
-from arrowflow.state import DuckDBState
+from arrowflow.state import DuckDBState, _writer
 from arrowflow.state._results import ResultTable
 
 if TYPE_CHECKING:
@@ -82,6 +83,34 @@ def test_streams_are_committed_by_the_interval_and_all_at_the_end(
     seen.clear()
     af.Flow(_scoring(store, seen)).run(companies=make_companies(40))
     assert seen == []
+
+
+@pytest.mark.parametrize(("flush_rows", "committed"), [(20, 20), (21, 0)])
+def test_pending_rows_past_flush_rows_are_committed_before_the_interval(
+    tmp_path: Path,
+    make_companies: Callable[..., pa.Table],
+    monkeypatch: pytest.MonkeyPatch,
+    flush_rows: int,
+    committed: int,
+) -> None:
+    """DuckDB inserts whole row groups fastest: the writer commits once that many rows are
+    pending, long before ``commit_interval``."""
+    monkeypatch.setattr(_writer, "FLUSH_ROWS", flush_rows)
+    path = tmp_path / "state.duckdb"
+    store = DuckDBState(path, commit_interval=600)
+    during: list[int] = []
+
+    def look() -> None:
+        quiet = threading.Event()
+        deadline = time.monotonic() + WAIT  # a writer that never commits fails, not hangs
+        while committed and store.pending_streams and time.monotonic() < deadline:
+            quiet.wait(0.01)  # streams 1 and 2 hold 20 rows
+        during.append(_stored_rows(path))
+
+    af.Flow(_scoring(store, [], hold_at=3, held=look)).run(companies=make_companies(40))
+
+    assert during == [committed]
+    assert _stored_rows(path) == 40
 
 
 def test_a_failing_run_commits_the_streams_completed_before_it(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from state_helpers import STORES, DuckDBState, MemoryState
 
 import arrowflow as af
+from arrowflow.state import _resume
 
 
 def enrich(rows: pa.Table) -> pa.Table:
@@ -44,9 +46,38 @@ def inputs(draw: st.DrawFn) -> tuple[pa.Table, list[bool]]:
 def test_skip_load_process_equals_a_full_recompute(
     kind: str, case: tuple[pa.Table, list[bool]], size_before: int, size_after: int
 ) -> None:
+    _resumes_as_a_full_recompute(STORES[kind], case, size_before, size_after)
+
+
+@pytest.mark.parametrize(
+    ("read_rows", "dense_span"),
+    [(3, _resume._DENSE_SPAN), (4, 0), (7, 1)],
+    ids=["dense", "sparse", "mixed"],
+)
+@settings(max_examples=40, deadline=None)
+@given(case=inputs(), size_before=st.integers(1, 9), size_after=st.integers(1, 9))
+def test_a_resume_read_in_small_batches_equals_a_full_recompute(
+    read_rows: int,
+    dense_span: int,
+    case: tuple[pa.Table, list[bool]],
+    size_before: int,
+    size_after: int,
+) -> None:
+    """The one-join resume reads the stored rows in batches: streams spanning several of
+    them, done masks sliced from a batch's dense mask or set position by position."""
+    with (
+        mock.patch.object(_resume, "_READ_ROWS", read_rows),
+        mock.patch.object(_resume, "_DENSE_SPAN", dense_span),
+    ):
+        _resumes_as_a_full_recompute(DuckDBState, case, size_before, size_after)
+
+
+def _resumes_as_a_full_recompute(
+    store_kind: Any, case: tuple[pa.Table, list[bool]], size_before: int, size_after: int
+) -> None:
     table, done = case
     seen: list[Any] = []
-    with STORES[kind](table="enriched") as store:
+    with store_kind(table="enriched") as store:
         af.Flow(scope(store, size_before, seen)).run(rows=table.filter(pa.array(done)))
         seen.clear()
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import duckdb
 
@@ -58,6 +58,7 @@ __all__ = [
     "duck_types",
     "open_database",
     "quote",
+    "raise_translated",
     "registered",
     "results_table",
     "store_errors",
@@ -234,9 +235,15 @@ def store_errors(where: str) -> Iterator[None]:
     try:
         yield
     except duckdb.Error as exc:
-        if _is_interrupt(exc):
-            raise
-        raise translated(exc, where) from exc
+        raise_translated(exc, where)
+
+
+def raise_translated(exc: duckdb.Error, where: str) -> NoReturn:
+    """Raise :func:`translated`'s error for ``exc`` (from it), or ``exc`` itself when it is an
+    interrupt; for an ``except duckdb.Error`` clause, as :func:`store_errors` does."""
+    if _is_interrupt(exc):
+        raise exc
+    raise translated(exc, where) from exc
 
 
 def _is_interrupt(exc: BaseException) -> bool:

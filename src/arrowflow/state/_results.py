@@ -128,6 +128,7 @@ class ResultTable:
         self._last: tuple[int, pa.Schema] | None = None
         # For a shape, per schema of rows read from the table: how to restore them.
         self._reads: tuple[_Shape | None, dict[pa.Schema, _Read]] = (None, {})
+        self._last_read: tuple[_Shape, pa.Schema, _Read] | None = None
         # The schema of the last results found storable by check(): the same need one look.
         self._checked: pa.Schema | None = None
 
@@ -669,16 +670,23 @@ class ResultTable:
         if known is not shape:  # what was worked out for another shape does not hold
             reads = {}
             self._reads = (shape, reads)
-        # Worked out once per schema read: stream after stream, the same.
-        read = reads.get(table.schema)
-        if read is None:
-            read = _Read.of(shape, table)
-            reads[table.schema] = read
-        if read.mark is not None:
-            table = table.drop_columns([read.mark])
+        # Worked out once per schema read: stream after stream, the same (the last one is
+        # compared first: hashing a schema costs more than comparing it).
+        schema = table.schema
+        last = self._last_read
+        if last is not None and last[0] is shape and last[1].equals(schema):
+            read = last[2]
+        else:
+            found = reads.get(schema)
+            read = _Read.of(shape, table) if found is None else found
+            reads[schema] = read
+            self._last_read = (shape, schema, read)
         if read.plain is not None:
             # Read as stored: the same columns, types as they were; names and metadata.
-            return pa.Table.from_arrays([table[name] for _, name in read.pairs], schema=read.plain)
+            picked = table.select(read.columns)
+            return picked if read.as_is else pa.Table.from_arrays(picked.columns, schema=read.plain)
+        if read.mark is not None:
+            table = table.drop_columns([read.mark])
         fields = []
         columns = []
         names = set(table.column_names)
@@ -740,12 +748,16 @@ class _Read:
         metadata: the schema metadata to restore.
         plain: the restored schema when the columns need no decoding (only names and
             metadata change), else ``None``.
+        columns: with ``plain``, the read columns that hold its fields, in its order.
+        as_is: with ``plain``, whether those columns already have its names and metadata.
     """
 
     mark: str | None
     pairs: list[tuple[pa.Field, str]]
     metadata: dict[bytes, bytes] | None
     plain: pa.Schema | None
+    columns: list[int]
+    as_is: bool
 
     @classmethod
     def of(cls, shape: _Shape, table: pa.Table) -> _Read:
@@ -761,7 +773,13 @@ class _Read:
                 (by_physical.get(name, table.schema.field(name)), name)
                 for name in table.column_names
             ]
-        return cls(mark, pairs, schema.metadata, _plain_read(pairs, table.schema, schema.metadata))
+        read = table.schema
+        plain = _plain_read(pairs, read, schema.metadata)
+        columns = [read.get_field_index(name) for _, name in pairs] if plain is not None else []
+        as_is = plain is not None and pa.schema([read.field(i) for i in columns]).equals(
+            plain, check_metadata=True
+        )
+        return cls(mark, pairs, schema.metadata, plain, columns, as_is)
 
 
 def _mark_of(table: pa.Table) -> str | None:

@@ -50,6 +50,9 @@ _FP = "__arrowflow_fp"
 _BOOKKEEPING = [_POS, _FP, _ROWID]
 #: Rows per batch read from the ordered stored rows.
 _READ_ROWS = 65_536
+#: A batch spanning fewer input positions than this many times its rows keeps a dense done
+#: mask (a byte per position): a stream's mask is then a slice, not a scatter of positions.
+_DENSE_SPAN = 8
 
 
 class Resume:
@@ -66,6 +69,8 @@ class Resume:
         self.length = length
         self.keys = keys
         self._rows = rows
+        # Each stream's answer, by offset, from its skip to its completion: its load reuses it.
+        self._answers: dict[int, _Answer] = {}
 
     @classmethod
     def fetch(
@@ -107,31 +112,53 @@ class Resume:
 
     def skip(self, stream: StreamInfo, rows: int) -> tuple[np.ndarray[Any, Any], bool]:
         """The done mask of the stream's ``rows`` input rows, and whether it is fresh."""
-        assert stream.offset is not None
-        if self._rows is None:
-            return np.zeros(rows, dtype=np.bool_), True
-        mask, fresh, _ = self._rows.answer(stream.offset, stream.offset + rows, stored=False)
-        return mask, fresh
+        answer = self._answer(stream, rows)
+        return answer.mask, answer.fresh
 
     def stored_rows(
         self, stream: StreamInfo, rows: int
     ) -> tuple[np.ndarray[Any, Any], pa.Table | None]:
         """The done mask of the stream's ``rows`` input rows and the stored rows of its done
         keys, in input order (``None`` when nothing is stored: read as the database gave them)."""
-        assert stream.offset is not None
-        if self._rows is None:
-            return np.zeros(rows, dtype=np.bool_), None
-        mask, _, stored = self._rows.answer(stream.offset, stream.offset + rows, stored=True)
-        return mask, stored
+        answer = self._answer(stream, rows)
+        return answer.mask, answer.stored
 
     def completed(self, stream: StreamInfo) -> None:
         """The streams up to ``stream`` are over: their stored rows are needed no more."""
-        if self._rows is not None and stream.offset is not None:
-            self._rows.drop_before(stream.offset + stream.rows)
+        if stream.offset is None:
+            return
+        end = stream.offset + stream.rows
+        # Streams that failed before it never complete: their answers go now too.
+        for offset in [offset for offset in self._answers if offset < end]:
+            self._answers.pop(offset, None)
+        if self._rows is not None:
+            self._rows.drop_before(end)
+
+    def _answer(self, stream: StreamInfo, rows: int) -> _Answer:
+        offset = stream.offset
+        assert offset is not None
+        answer = self._answers.get(offset)
+        if answer is None or len(answer.mask) != rows:
+            if self._rows is None:
+                answer = _Answer(np.zeros(rows, dtype=np.bool_), True, None)
+            else:
+                answer = self._rows.answer(offset, offset + rows)
+            self._answers[offset] = answer
+        return answer
 
     def close(self) -> None:
         if self._rows is not None:
             self._rows.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One stream's answer: its done mask (read-only), whether nothing of it is stored under
+    another fingerprint, and the stored rows of its done keys (``None``: nothing stored)."""
+
+    mask: np.ndarray[Any, Any]
+    fresh: bool
+    stored: pa.Table | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +170,8 @@ class _Digest:
         last: the highest.
         done: the positions stored under the run's fingerprint, ascending (a position repeats
             when its stream added rows).
+        dense: when the batch's positions are dense enough (see :meth:`of`), the done mask of
+            positions ``first`` to ``last`` (read-only), so that a stream's is a slice of it.
         other: the positions stored under another fingerprint, ascending.
         stored: the stored rows of the run's fingerprint, bookkeeping columns dropped.
         stored_at: the input position of each of ``stored``'s rows.
@@ -151,6 +180,7 @@ class _Digest:
     first: int
     last: int
     done: np.ndarray[Any, Any]
+    dense: np.ndarray[Any, Any] | None
     other: np.ndarray[Any, Any]
     stored: pa.Table
     stored_at: np.ndarray[Any, Any]
@@ -158,20 +188,32 @@ class _Digest:
     @classmethod
     def of(cls, batch: pa.RecordBatch, fp: int) -> _Digest:
         positions = batch.column(_POS).to_numpy()
+        first, last = int(positions[0]), int(positions[-1])
         mine = batch.column(_FP).to_numpy(zero_copy_only=False) == fp
         # A done key without rows (its agents filtered it out) is done but loads nothing.
         loaded = mine & batch.column(_ROWID).is_valid().to_numpy(zero_copy_only=False)
         stored = pa.Table.from_batches([batch]).drop_columns(_BOOKKEEPING)
         if not loaded.all():
             stored = stored.filter(loaded)
-        return cls(
-            int(positions[0]),
-            int(positions[-1]),
-            positions[mine],
-            positions[~mine],
-            stored,
-            positions[loaded],
-        )
+        done = positions[mine]
+        dense = None
+        # A byte per position spanned: a bounded multiple of the batch's own size.
+        if last - first < _DENSE_SPAN * len(positions):
+            dense = np.zeros(last - first + 1, dtype=np.bool_)
+            dense[done - first] = True
+            dense.flags.writeable = False
+        return cls(first, last, done, dense, positions[~mine], stored, positions[loaded])
+
+    def mark(self, mask: np.ndarray[Any, Any], start: int, end: int) -> None:
+        """Set ``mask`` (the rows at positions ``start`` to ``end``) where they are done."""
+        if self.dense is None:
+            bounds = np.array([start, end], dtype=self.done.dtype)
+            low, high = np.searchsorted(self.done, bounds)
+            mask[self.done[low:high] - start] = True
+            return
+        low, high = max(start, self.first), min(end, self.last + 1)
+        if high > low:
+            mask[low - start : high - start] |= self.dense[low - self.first : high - self.first]
 
 
 class _OrderedRows:
@@ -230,11 +272,8 @@ class _OrderedRows:
         self._read_to = -1  # the highest position read so far
         self._floor = 0  # rows before this position are needed no more
 
-    def answer(
-        self, start: int, end: int, *, stored: bool
-    ) -> tuple[np.ndarray[Any, Any], bool, pa.Table | None]:
-        """For the rows at positions ``start`` to ``end``: the done mask, whether nothing is
-        stored under another fingerprint, and (when ``stored``) the stored rows, or ``None``."""
+    def answer(self, start: int, end: int) -> _Answer:
+        """The answer for the rows at positions ``start`` to ``end``."""
         with self._lock:
             # Rows of one position may span two batches (a stream's added rows are anchored
             # at its last key): read past ``end - 1`` to have all of them.
@@ -252,26 +291,29 @@ class _OrderedRows:
                     self._digests.append(digest)
                     self._read_to = digest.last
             digests = [digest for digest in self._digests if digest.last >= start]
-        mask = np.zeros(end - start, dtype=np.bool_)
+        digests = [digest for digest in digests if digest.first < end]
+        first = digests[0] if digests else None
+        dense = first.dense if first is not None else None
+        if first is not None and dense is not None and first.first <= start < end <= first.last + 1:
+            mask = dense[start - first.first : end - first.first]  # the usual case: a view
+        else:
+            mask = np.zeros(end - start, dtype=np.bool_)
+            for digest in digests:
+                digest.mark(mask, start, end)
         fresh = True
         parts = []
         for digest in digests:
-            if digest.first >= end:
-                break
-            bounds = np.array([start, end], dtype=digest.done.dtype)
-            low, high = np.searchsorted(digest.done, bounds)
-            mask[digest.done[low:high] - start] = True
-            if fresh:
+            bounds = np.array([start, end], dtype=digest.stored_at.dtype)
+            if fresh and len(digest.other):
                 low, high = np.searchsorted(digest.other, bounds)
                 fresh = bool(low == high)
-            if stored:
-                low, high = np.searchsorted(digest.stored_at, bounds)
-                parts.append(digest.stored.slice(int(low), int(high - low)))
-        if not stored:
-            return mask, fresh, None
+            low, high = np.searchsorted(digest.stored_at, bounds)
+            parts.append(digest.stored.slice(int(low), int(high - low)))
+        mask.flags.writeable = False  # handed out to a stream's skip and its load
         if len(parts) == 1:
-            return mask, fresh, parts[0]
-        return mask, fresh, pa.concat_tables(parts) if parts else self._schema.empty_table()
+            return _Answer(mask, fresh, parts[0])
+        stored = pa.concat_tables(parts) if parts else self._schema.empty_table()
+        return _Answer(mask, fresh, stored)
 
     def drop_before(self, position: int) -> None:
         with self._lock:

@@ -39,10 +39,16 @@ if TYPE_CHECKING:
 
 __all__ = ["FLUSH_BYTES", "PendingWrite", "Writer"]
 
-#: Pending results past this size are committed without waiting for the interval.
-FLUSH_BYTES = 4 << 20
+#: DuckDB's rows per row group. An insert of whole row groups is written straight to the
+#: database file; the rows of a partial one are logged, then moved at the next checkpoint. A
+#: commit of two row groups' rows (some 250,000) inserts at twice the speed of 100,000 rows.
+_ROW_GROUP = 122_880
+#: Pending rows past this number are committed without waiting for the interval ...
+FLUSH_ROWS = 4 * _ROW_GROUP
+#: ... and so are pending results past this size, whatever their rows (wide rows).
+FLUSH_BYTES = 16 << 20
 #: Past this size, :meth:`Writer.submit` waits for a commit: memory stays bounded.
-_BLOCK_BYTES = 2 * FLUSH_BYTES
+_BLOCK_BYTES = FLUSH_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +91,14 @@ class Writer:
         self._where = where
         self._pending: list[PendingWrite] = []
         self._pending_bytes = 0
+        self._pending_rows = 0
         self._oldest = 0.0  # monotonic time the oldest pending write was submitted
         self._flushing = False
         self._closing = False
         self._writing = False
         self._error: BaseException | None = None
         self._extras = False  # a stream stored rows under keys outside its input
+        self._size = _Size()
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="arrowflow-state-writer")
         self._thread.daemon = True
@@ -113,10 +121,11 @@ class Writer:
             if first:
                 self._oldest = time.monotonic()
             self._pending.append(write)
-            self._pending_bytes += write.results.nbytes + write.keys.nbytes
+            self._pending_bytes += self._size.of(write)
+            self._pending_rows += write.results.num_rows
             # The writer waits for the first write, then for the interval to pass: waking it
             # for each stream would only cost a thread switch per stream.
-            if first or self._interval == 0 or self._pending_bytes >= FLUSH_BYTES:
+            if first or self._interval == 0 or self._full():
                 self._changed.notify_all()
 
     def flush(self) -> None:
@@ -162,7 +171,7 @@ class Writer:
                         return
                     self._changed.wait(self._wait_time())
                 batch, self._pending = self._pending, []
-                self._pending_bytes = 0
+                self._pending_bytes = self._pending_rows = 0
                 self._writing = True
             try:
                 self._write(batch)
@@ -179,9 +188,12 @@ class Writer:
     def _due(self) -> bool:
         if not self._pending or self._error is not None:
             return False
-        if self._flushing or self._closing or self._pending_bytes >= FLUSH_BYTES:
+        if self._flushing or self._closing or self._full():
             return True
         return time.monotonic() - self._oldest >= self._interval
+
+    def _full(self) -> bool:
+        return self._pending_rows >= FLUSH_ROWS or self._pending_bytes >= FLUSH_BYTES
 
     def _wait_time(self) -> float | None:
         if not self._pending:
@@ -220,6 +232,30 @@ class Writer:
         return self._table.upsert(
             self._con, self._fp, results, keys, fresh=fresh, unique=unique, added=added
         )
+
+
+class _Size:
+    """About what a pending write holds, for the thresholds above.
+
+    ``nbytes`` costs more than the rest of a small stream's bookkeeping, so it is measured on
+    one write in :attr:`EVERY` of a schema, and the bytes per row found are used in between.
+    """
+
+    EVERY = 32
+
+    def __init__(self) -> None:
+        self._schema: pa.Schema | None = None
+        self._per_row = 0.0
+        self._count = 0
+
+    def of(self, write: PendingWrite) -> int:
+        rows = write.results.num_rows + len(write.keys)
+        schema = write.results.schema
+        if self._count % self.EVERY == 0 or self._schema is None or not schema.equals(self._schema):
+            self._schema, self._count = schema, 0
+            self._per_row = (write.results.nbytes + write.keys.nbytes) / max(rows, 1)
+        self._count += 1
+        return int(rows * self._per_row)
 
 
 def _groups(batch: list[PendingWrite]) -> list[list[PendingWrite]]:

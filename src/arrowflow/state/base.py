@@ -40,6 +40,8 @@ from arrowflow._row_counts import known_column
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    import numpy as np
+
 __all__ = ["ScopeInfo", "StateStore", "Store", "StreamInfo", "input_keys"]
 
 
@@ -109,8 +111,9 @@ class Store(Protocol):
         """Get ready for a run over ``source``; refuse it (raise) before any agent runs."""
         ...
 
-    def skip(self, stream: StreamInfo, batch: pa.Table) -> pa.Array:
-        """A boolean mask over ``batch``'s rows: ``True`` for rows already done."""
+    def skip(self, stream: StreamInfo, batch: pa.Table) -> pa.Array | np.ndarray[Any, Any]:
+        """A boolean mask over ``batch``'s rows: ``True`` for rows already done (an Arrow
+        array, or a numpy one of ``bool``, which the executor takes as it is)."""
         ...
 
     def load(self, stream: StreamInfo, skipped: pa.Table) -> pa.Table:

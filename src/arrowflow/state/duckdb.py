@@ -37,8 +37,8 @@ from arrowflow.state._layout import (
     SCHEMA,
     duck_types,
     open_database,
+    raise_translated,
     registered,
-    store_errors,
     transaction,
 )
 from arrowflow.state._results import ResultTable
@@ -57,6 +57,8 @@ from arrowflow.state.base import StreamInfo, input_keys
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
+
+    import numpy as np
 
     from arrowflow.state.base import ScopeInfo
 
@@ -106,8 +108,11 @@ def _translating(method: _Method) -> _Method:
 
     @functools.wraps(method)
     def wrapper(self: DuckDBState, *args: Any, **kwargs: Any) -> Any:
-        with store_errors(self._where(None)):
+        # Not store_errors: a context manager costs more than the skip of a small stream.
+        try:
             return method(self, *args, **kwargs)
+        except duckdb.Error as exc:
+            raise_translated(exc, self._where(None))
 
     return wrapper  # type: ignore[return-value]
 
@@ -407,7 +412,7 @@ class DuckDBState(StoreCallables):
         return run
 
     @_translating
-    def skip(self, stream: StreamInfo, batch: pa.Table) -> pa.Array:
+    def skip(self, stream: StreamInfo, batch: pa.Table) -> pa.Array | np.ndarray[Any, Any]:
         """``True`` for the rows of ``batch`` whose key is done under the scope's fingerprint."""
         run = self._current(stream, batch)
         where = self._where(run.field, stream.num)
@@ -422,7 +427,7 @@ class DuckDBState(StoreCallables):
             mask, fresh = resume.skip(stream, len(keys))
             if fresh and run.table.is_keyed_alone:
                 run.fresh_streams.add(stream.num)
-            return pa.array(mask)
+            return mask
         check_keys(keys, run.key, where)
         if run.run_id is not None:
             run.checked.add(stream.num)
@@ -453,13 +458,21 @@ class DuckDBState(StoreCallables):
             and resume.covers(stream, piece[run.key])
         ):
             mask, rows = resume.stored_rows(stream, piece.num_rows)
-            # The answer holds the rows of the stream's done keys: those of ``skipped`` when
-            # it is the stream's done rows, or all of its rows.
-            asked = piece[run.key] if len(keys) == piece.num_rows else piece[run.key].filter(mask)
-            if asked.equals(keys):
-                if rows is None:
+            if rows is None:  # nothing stored at all
+                if not len(keys):
                     return pa.table({run.key: keys.slice(0, 0)})
-                return run.table.restore_types(rows, skipped)
+            else:
+                loaded = run.table.restore_types(rows, skipped)
+                # The answer holds the rows of the stream's done keys: right for ``skipped``
+                # when they are those keys. The usual case shows it at once: one stored row
+                # per skipped key, in their order.
+                if run.key in loaded.column_names and loaded[run.key].equals(keys):
+                    return loaded
+                asked = piece[run.key]
+                if len(keys) != piece.num_rows:
+                    asked = asked.filter(mask)
+                if asked.equals(keys):
+                    return loaded
         with self._lock:
             return run.table.load(self._connection(run), run.fp_id, keys, skipped)
 
