@@ -3,6 +3,7 @@ DuckDB little memory once it only writes."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,28 @@ def test_a_store_kept_open_starts_each_run_with_its_memory_limit(tmp_path: Path)
     af.Flow(_limit_seen(store, seen, 10)).run(rows=table)
     assert seen == ["61.0 MiB", "953.6 MiB", "61.0 MiB"]
     store.close()
+
+
+def test_rows_too_wide_for_the_write_limit_say_which_option_to_raise_and_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    """16 MB of pending text overflows a write limit of 8 MB: the error names the option, and
+    a rerun with the default limit returns the whole result."""
+    table = pa.table({"id": range(4_000), "text": [f"{'x' * 10_000}{i}" for i in range(4_000)]})
+    path = tmp_path / "state.duckdb"
+
+    with pytest.raises(af.BatchExecutionError) as raised:
+        af.Flow(_scoring(DuckDBState(path, write_memory_limit="8MB"), [])).run(rows=table)
+    told = "".join(traceback.format_exception(raised.value))
+    assert "DuckDB ran out of memory" in told
+    assert "write_memory_limit='8MB'" in told
+    assert "write_memory_limit='256MB'" in told
+
+    calls: list[int] = []
+    again = af.Flow(_scoring(DuckDBState(path), calls)).run(rows=table)
+    assert again["rows"].num_rows == 4_000
+    assert again["rows"]["text"].equals(table["text"])
+    assert again["rows"]["score"].to_pylist() == [10 * i for i in range(4_000)]
 
 
 def test_a_write_limit_with_a_quote_is_refused() -> None:

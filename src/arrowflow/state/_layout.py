@@ -56,6 +56,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "SCHEMA",
     "duck_types",
+    "is_out_of_memory",
     "open_database",
     "quote",
     "raise_translated",
@@ -254,10 +255,17 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is DuckDB running out of memory (within its ``memory_limit``)."""
+    return isinstance(exc, duckdb.OutOfMemoryException) or (
+        isinstance(exc, duckdb.Error) and "out of memory" in str(exc).lower()
+    )
+
+
 def _diagnosis(exc: duckdb.Error) -> tuple[str, str]:
     """What a DuckDB error means for the store, and what to do about it."""
     text = str(exc).lower()
-    if isinstance(exc, duckdb.OutOfMemoryException) or "out of memory" in text:
+    if is_out_of_memory(exc):
         return "DuckDB ran out of memory", f"Free memory or use smaller streams, {_RERUN}"
     if "no space left" in text or "disk full" in text or "disk is full" in text:
         return "the disk is full", f"Free space on the disk that holds the database, {_RERUN}"

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from arrowflow._workers import POLL
 from arrowflow.exceptions import ExecutionError
-from arrowflow.state._layout import transaction, translated
+from arrowflow.state._layout import is_out_of_memory, transaction, translated
 
 if TYPE_CHECKING:
     from arrowflow.state._results import ResultTable
@@ -83,12 +83,14 @@ class Writer:
         fp: int,
         interval: float,
         where: str,
+        memory_advice: str | None = None,
     ) -> None:
         self._con = con
         self._table = table
         self._fp = fp
         self._interval = interval
         self._where = where
+        self._memory_advice = memory_advice  # added when DuckDB runs out of memory
         self._pending: list[PendingWrite] = []
         self._pending_bytes = 0
         self._pending_rows = 0
@@ -160,6 +162,8 @@ class Writer:
             if isinstance(error, duckdb.Error)
             else ExecutionError(f"{where} failed: {type(error).__name__}: {error}.")
         )
+        if self._memory_advice is not None and is_out_of_memory(error):
+            failure.add_note(self._memory_advice)
         failure.add_note("The streams not stored were not marked done: a rerun recomputes them.")
         raise failure from error
 
@@ -201,11 +205,15 @@ class Writer:
         return max(self._interval - (time.monotonic() - self._oldest), 0.0) + 0.001
 
     def _write(self, batch: list[PendingWrite]) -> None:
+        # Each group as one chunk, then the streams' own tables let go (the caller's list is
+        # emptied): while DuckDB inserts, memory holds each result once.
+        groups = [_Group.of(group) for group in _groups(batch)]
+        batch.clear()
         for tries_left in (1, 0):
             extras = self._extras
             try:
                 with transaction(self._con):
-                    for group in _groups(batch):
+                    for group in groups:
                         extras = self._upsert(group, extras) or extras
             except Exception:
                 if not tries_left:
@@ -216,7 +224,30 @@ class Writer:
             self._extras = extras
             return
 
-    def _upsert(self, group: list[PendingWrite], extras: bool) -> bool:
+    def _upsert(self, group: _Group, extras: bool) -> bool:
+        return self._table.upsert(
+            self._con,
+            self._fp,
+            group.results,
+            group.keys,
+            fresh=not extras and group.fresh,
+            unique=group.unique,
+            added=group.added,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Consecutive pending writes that one upsert takes (see :func:`_groups`), combined."""
+
+    results: pa.Table
+    keys: pa.ChunkedArray
+    fresh: bool
+    unique: bool
+    added: bool
+
+    @classmethod
+    def of(cls, group: list[PendingWrite]) -> _Group:
         if len(group) == 1:
             results, keys = group[0].results, group[0].keys
         else:
@@ -225,12 +256,13 @@ class Writer:
             results = pa.concat_tables([write.results for write in group]).combine_chunks()
             chunks = [chunk for write in group for chunk in write.keys.chunks]
             keys = pa.chunked_array([pa.concat_arrays(chunks)], type=group[0].keys.type)
-        fresh = not extras and all(write.fresh for write in group)
-        unique = all(write.unique for write in group)
-        # A group of several holds no stream with added rows (see _groups): no need to look.
-        added = any(write.alone for write in group)
-        return self._table.upsert(
-            self._con, self._fp, results, keys, fresh=fresh, unique=unique, added=added
+        return cls(
+            results,
+            keys,
+            fresh=all(write.fresh for write in group),
+            unique=all(write.unique for write in group),
+            # A group of several holds no stream with added rows (see _groups).
+            added=any(write.alone for write in group),
         )
 
 

@@ -407,7 +407,14 @@ class DuckDBState(StoreCallables):
         if run.resume is None:
             con.execute(f"CREATE OR REPLACE TEMP TABLE {SEEN} (stream BIGINT, key {key_type})")
             run.seen = set()
-        run.writer = Writer(con.cursor(), table, fp_id, self.commit_interval, where)
+        advice = None
+        if self._write_limit is not None:
+            advice = (
+                f"While a run only writes, the store gives DuckDB write_memory_limit="
+                f"{self._write_limit!r} (or memory_limit when lower); wide rows may need more: "
+                "DuckDBState(..., write_memory_limit='256MB'), or None to keep memory_limit."
+            )
+        run.writer = Writer(con.cursor(), table, fp_id, self.commit_interval, where, advice)
         self._fingerprint = fp
         return run
 
