@@ -5,9 +5,10 @@ stream's work. So :class:`Writer` takes each completed stream's results (:meth:`
 called in stream order) and a thread of its own writes them, on a connection of its own, while
 the next streams run: everything pending goes in one transaction, committed at most
 ``interval`` seconds after the oldest pending stream was submitted, sooner when the pending
-results pass :data:`FLUSH_BYTES`, and always at :meth:`Writer.close` (the end of a run, on
-success, on error and on Ctrl-C). A ``kill -9`` therefore loses at most the streams of the last
-interval, which a rerun recomputes: their keys were never marked done.
+results pass :data:`FLUSH_ROWS` rows or :data:`FLUSH_BYTES`, and always at
+:meth:`Writer.close` (the end of a run, on success, on error and on Ctrl-C). A ``kill -9``
+therefore loses at most the streams of the last interval, which a rerun recomputes: their keys
+were never marked done.
 
 Within a transaction, consecutive streams whose results have one schema are written by a
 single upsert of their concatenation. A stream whose results hold keys outside its input (an
@@ -37,7 +38,7 @@ from arrowflow.state._layout import is_out_of_memory, transaction, translated
 if TYPE_CHECKING:
     from arrowflow.state._results import ResultTable
 
-__all__ = ["FLUSH_BYTES", "PendingWrite", "Writer"]
+__all__ = ["FLUSH_BYTES", "FLUSH_ROWS", "PendingWrite", "Writer"]
 
 #: DuckDB's rows per row group. An insert of whole row groups is written straight to the
 #: database file; the rows of a partial one are logged, then moved at the next checkpoint. A
