@@ -15,12 +15,16 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
 import pyarrow as pa
 import pytest
 
 import arrowflow as af
+from test_overhead import AddId, DoubleX, DropThirds, hand_loop
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from conftest import Figures
 
 STREAMS = int(os.environ.get("ARROWFLOW_BENCH_STREAMS", "200"))
@@ -73,3 +77,97 @@ def test_concurrent_waits(benchmark: Any, figures: Figures, rounds: int, kind: s
         f"{kind:>8}: best {stats.min:.3f} s -> {best:.2f}  (median {stats.median:.3f} s -> "
         f"{median:.2f})  goal >= {GOAL}: {met}",
     )
+
+
+# --------------------------------------------------------------------------- CPU-bound work
+
+
+def streamed_flow(stream_size: int, max_concurrency: int) -> af.Flow:
+    @af.intelligent_streaming(stream_size, over="rows", max_concurrency=max_concurrency)
+    class StreamedDoubleX(DoubleX):
+        pass
+
+    return StreamedDoubleX >> DropThirds >> AddId
+
+
+#: Goals of ``max_concurrency=2`` over ``max_concurrency=1`` (time ratio), per stream size.
+CPU_GOALS = {1_000: ("<=", 1.1), 100_000: ("<=", 1 / 1.3)}
+CPU_ROUNDS = int(os.environ.get("ARROWFLOW_BENCH_CPU_ROUNDS", "6"))
+
+
+def polars_slices(table: pa.Table, stream_size: int) -> pa.Table:
+    """The peer: polars ``iter_slices`` over the table, the three steps as polars expressions on
+    each slice, ``pl.concat`` in order."""
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    parts = [
+        part.with_columns(y=pl.col("x") * 2.0)
+        .filter(pl.col("k") % 3 != 0)
+        .with_columns(z=pl.col("y") + pl.col("id").cast(pl.Float64))
+        for part in frame.iter_slices(n_rows=stream_size)
+    ]
+    return pl.concat(parts).to_arrow()
+
+
+@pytest.mark.parametrize("stream_size", [1_000, 10_000, 100_000], ids=lambda size: f"{size}")
+def test_cpu_work_with_two_threads(
+    benchmark: Any, table: pa.Table, figures: Figures, stream_size: int
+) -> None:
+    """The overhead benchmark's three vectorised steps (``test_overhead.py``), as three agents
+    with ``max_concurrency=2`` (timed by pytest-benchmark) and ``1``, beside the hand loop and
+    polars ``iter_slices``: each round runs all four, in the same order, so they share the
+    machine's state. All four results are checked equal."""
+    benchmark.group = f"CPU work, stream size {stream_size:,} ({table.num_rows:,} rows)"
+    expected = hand_loop(table, max(table.num_rows, 1))
+    sequential, threads = streamed_flow(stream_size, 1), streamed_flow(stream_size, 2)
+    seconds: dict[str, list[float]] = {"hand loop": [], "max_concurrency=1": [], "polars": []}
+
+    def timed(name: str, run: Callable[[], pa.Table]) -> None:
+        started = time.perf_counter()
+        result = run()
+        seconds[name].append(time.perf_counter() - started)
+        assert result.equals(expected) or result.to_pylist() == expected.to_pylist()
+
+    def others() -> None:
+        timed("hand loop", lambda: hand_loop(table, stream_size))
+        timed("max_concurrency=1", lambda: sequential.run(rows=table, progress=False)["rows"])
+        timed("polars", lambda: polars_slices(table, stream_size))
+
+    def two_threads() -> pa.Table:
+        result: pa.Table = threads.run(rows=table, progress=False)["rows"]
+        return result
+
+    result = benchmark.pedantic(
+        two_threads, setup=others, rounds=CPU_ROUNDS, iterations=1, warmup_rounds=1
+    )
+    assert result.equals(expected)
+    best = {name: min(times[-CPU_ROUNDS:]) for name, times in seconds.items()}
+    best["max_concurrency=2"] = benchmark.stats.stats.min
+    ratio = best["max_concurrency=2"] / best["max_concurrency=1"]
+    line = (
+        f"{stream_size:>11,}  "
+        + "  ".join(f"{best[name]:>8.3f}s" for name in PEERS)
+        + f"  {ratio:>6.2f}x"
+    )
+    goal = CPU_GOALS.get(stream_size)
+    if goal is not None:
+        met = "met" if ratio <= goal[1] else "missed"
+        line += f"  goal {goal[0]} {goal[1]:.2f}x: {met}"
+    figures.add(
+        "CPU work: three vectorised steps, best of rounds (seconds)",
+        f"{table.num_rows:,} rows, best of {CPU_ROUNDS} rounds; ratio = max_concurrency=2 / "
+        "max_concurrency=1\n"
+        f"{'rows/stream':>11}  "
+        + "  ".join(f"{label:>9}" for label in PEERS.values())
+        + "   ratio",
+        line,
+    )
+
+
+#: The runners of the CPU benchmark, with their column headings.
+PEERS = {
+    "hand loop": "hand loop",
+    "max_concurrency=1": "arrowflow",
+    "max_concurrency=2": "2 threads",
+    "polars": "polars",
+}

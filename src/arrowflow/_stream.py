@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,8 @@ class StreamOutcome:
         tries: the attempts of the agents (and state callables), and how the last failed.
         persisted: the attempts to persist the stream, counted apart from the agents' (``None``
             until it is persisted).
+        cpu_seconds: the CPU time of the thread that ran the stream, while it ran (attempts
+            with a ``timeout`` run on threads of their own: not counted).
     """
 
     stream_num: int
@@ -111,6 +114,7 @@ class StreamOutcome:
     produced: pa.Table | None = None
     skipped: int = 0
     loaded: int = 0
+    cpu_seconds: float = 0.0
 
     @property
     def failure(self) -> Tries | None:
@@ -126,7 +130,9 @@ def run_stream(plan: StreamPlan, stream: StreamInfo) -> StreamOutcome:
     piece: pa.Table = stream.context[plan.field]
     outcome = StreamOutcome(stream.num, piece.num_rows)
     timeout = plan.config.timeout
+    cpu = time.thread_time()
     done = plan.retry(outcome.tries, _attempt, plan, stream, piece, timeout=timeout)
+    outcome.cpu_seconds = time.thread_time() - cpu
     if done is not None:
         outcome.fields, outcome.processed, outcome.produced, outcome.skipped, outcome.loaded = done
     return outcome

@@ -177,8 +177,10 @@ class Agent(metaclass=_AgentMeta):
             on_stream_error: ``on_stream_error(stream_num, total, error, context)`` runs when
                 a stream fails after its retries. Default ``None``. Seed alias:
                 ``on_batch_error``.
-            max_concurrency: streams run at once, in threads (``async def`` agents on an event
-                loop); results stay in stream order. Default ``1``.
+            max_concurrency: streams run at once, at most, in threads (``async def`` agents on
+                an event loop); results stay in stream order. Streams that take under 5 ms
+                each, and whose threads mostly take turns on the GIL, run one at a time on the
+                run's own thread when that proves faster (see the README). Default ``1``.
             retries: further attempts of a failing stream. Default ``0``.
             retry_on: the exception type, or tuple of types, worth a retry; others fail at
                 once. Default ``(Exception,)``.

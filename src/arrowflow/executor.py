@@ -34,6 +34,7 @@ from arrowflow._async import EventLoop
 from arrowflow._config import StreamingConfig
 from arrowflow._invoke import Callables, Fields, check_agents, instantiate
 from arrowflow._merge import merge_outputs
+from arrowflow._pace import Pace
 from arrowflow._retry import as_interrupt, is_interrupt
 from arrowflow._slicing import StreamCutter
 from arrowflow._store import store_for
@@ -202,6 +203,7 @@ class _ScopeRun:
         self.began = False  # whether the store's begin_run returned: only then is end_run due
         limit = config.max_concurrency
         self.pool = DaemonPool(limit, "arrowflow-stream") if limit > 1 else None
+        self.pace = Pace(limit)
         self.in_flight: deque[tuple[StreamInfo, Future[StreamOutcome] | _Ran | _Starting]] = deque()
         executor.accumulated_results = []
 
@@ -242,11 +244,11 @@ class _ScopeRun:
         most ``max_concurrency`` streams are in flight plus the one being delivered and the
         cutter's look-ahead.
         """
-        limit = self.plan.config.max_concurrency
+        pace = self.pace
         in_flight = self.in_flight
         streams = self._streams()
         while True:
-            while len(in_flight) < limit and not self._is_failing():
+            while len(in_flight) < pace.width and not self._is_failing():
                 stream = next(streams, None)
                 if stream is None:
                     break
@@ -256,15 +258,17 @@ class _ScopeRun:
             if not in_flight:
                 return
             stream, future = in_flight[0]
+            on_thread = isinstance(future, Future)
             outcome = result_of(future) if isinstance(future, Future) else future.result()
             in_flight.popleft()
+            pace.completed(outcome, on_thread=on_thread)
             result = self._complete(outcome, stream)
             if result is not None and self.failure is None:
                 yield result
 
     def _start(self, stream: StreamInfo) -> Future[StreamOutcome] | _Ran:
         """Run a stream on the pool, or right here when streams run one at a time."""
-        if self.pool is None:
+        if self.pool is None or self.pace.one_at_a_time:
             return _Ran(run_stream(self.plan, stream))
         return self.pool.submit(run_stream, self.plan, stream)
 

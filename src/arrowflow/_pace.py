@@ -1,0 +1,143 @@
+"""How many streams run at once: up to ``max_concurrency``, or one at a time when that is faster.
+
+Threads pay off when a stream's work waits (a model call, an API) or spends long in kernels that
+release the GIL. When each stream takes a fraction of a millisecond of Python-bound work, they
+cost instead: every stream is handed to a thread and back, and the threads take turns on the
+GIL; measured on 2 cores, three pyarrow steps over 1,000-row streams ran 1.5x slower on two
+threads than on the run's own.
+
+So a run with ``max_concurrency > 1`` starts with its streams on threads and watches them:
+
+1. After a window of streams (:data:`WINDOW_STREAMS` and :data:`WINDOW_SECONDS`), threads
+   stay if a stream took :data:`SHORT_SECONDS` or more on average (the hand-offs are lost in
+   the stream's own time, and any wait overlaps), or if the threads together used the CPU for
+   :data:`PARALLEL` times the window's wall time or more (their work truly ran at once: kernels
+   that release the GIL). A thread waiting for the GIL uses no CPU, so contention does not
+   pass for parallel work.
+2. Otherwise the run tries a window of streams one at a time on its own thread, and keeps the
+   way that completed more rows per second.
+3. Streams running one at a time go back to threads for good as soon as one of them takes
+   :data:`SHORT_SECONDS` or more: work that waits always gets its concurrency.
+
+Streams complete in stream order whichever way they run; only the number in flight changes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from arrowflow._stream import StreamOutcome
+
+__all__ = ["PARALLEL", "SHORT_SECONDS", "WINDOW_SECONDS", "WINDOW_STREAMS", "Pace"]
+
+#: A stream shorter than this gains nothing from a thread of its own worth its hand-off.
+SHORT_SECONDS = 0.005
+#: CPU seconds per wall second of the threads' streams above which threads stay.
+PARALLEL = 1.3
+#: A window spans at least this many completed streams ...
+WINDOW_STREAMS = 16
+#: ... and at least this many seconds.
+WINDOW_SECONDS = 0.02
+
+_THREADS, _TRYING_ONE, _ONE, _SETTLED = "threads", "trying one at a time", "one at a time", "set"
+
+
+class Pace:
+    """The number of streams to keep in flight, updated as streams complete (module docstring).
+
+    Attributes:
+        width: how many streams to keep in flight now; ``1`` runs them on the run's thread.
+    """
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.limit = limit
+        self.width = limit
+        self._clock = clock
+        self._phase = _THREADS if limit > 1 else _SETTLED
+        self._window = _Window(clock)
+        self._threads_rate = 0.0
+
+    @property
+    def one_at_a_time(self) -> bool:
+        """Whether streams run one at a time on the run's thread."""
+        return self.width == 1
+
+    def completed(self, outcome: StreamOutcome, *, on_thread: bool) -> None:
+        """Note a completed (or failed) stream, in stream order, and whether it ran on a
+        thread of the pool (rather than the run's own)."""
+        phase = self._phase
+        if phase == _SETTLED or on_thread != (phase == _THREADS):
+            return  # settled, or one of the streams started before the last change
+        seconds = outcome.tries.seconds
+        if phase == _ONE:
+            if seconds >= SHORT_SECONDS:
+                self._settle(self.limit)
+            return
+        window = self._window
+        window.add(outcome.rows_in, seconds, outcome.cpu_seconds)
+        if not window.full():
+            return
+        if phase == _THREADS:
+            if window.mean_seconds() >= SHORT_SECONDS or window.parallelism() >= PARALLEL:
+                self._settle(self.limit)
+                return
+            self._threads_rate = window.rate()
+            self._phase, self.width, self._window = _TRYING_ONE, 1, _Window(self._clock)
+            return
+        # Trying one at a time: a long stream, or a slower rate, sends the run back to threads.
+        if window.mean_seconds() >= SHORT_SECONDS or window.rate() < self._threads_rate:
+            self._settle(self.limit)
+        else:
+            self._phase = _ONE
+
+    def _settle(self, width: int) -> None:
+        self._phase, self.width = _SETTLED, width
+
+
+class _Window:
+    """Streams completed since the window opened (at its first completion), with their rows,
+    their own seconds and their CPU seconds."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.opened: float | None = None
+        self.streams = 0
+        self.rows = 0
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.last = 0.0
+
+    def add(self, rows: int, seconds: float, cpu_seconds: float) -> None:
+        now = self._clock()
+        if self.opened is None:  # the first completion opens it: what came before is start-up
+            self.opened = now
+        else:
+            self.streams += 1
+            self.rows += rows
+            self.seconds += seconds
+            self.cpu_seconds += cpu_seconds
+        self.last = now
+
+    def full(self) -> bool:
+        return (
+            self.opened is not None
+            and self.streams >= WINDOW_STREAMS
+            and self.last - self.opened >= WINDOW_SECONDS
+        )
+
+    def mean_seconds(self) -> float:
+        return self.seconds / max(self.streams, 1)
+
+    def parallelism(self) -> float:
+        """CPU seconds of the streams per second of the window."""
+        assert self.opened is not None
+        return self.cpu_seconds / max(self.last - self.opened, 1e-9)
+
+    def rate(self) -> float:
+        """Rows completed per second of the window."""
+        assert self.opened is not None
+        return self.rows / max(self.last - self.opened, 1e-9)
