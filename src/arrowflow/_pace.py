@@ -62,6 +62,11 @@ class Pace:
         self._threads_rate = 0.0
 
     @property
+    def watching(self) -> bool:
+        """Whether completions still matter (the choice is not settled)."""
+        return self._phase != _SETTLED
+
+    @property
     def one_at_a_time(self) -> bool:
         """Whether streams run one at a time on the run's thread."""
         return self.width == 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +100,9 @@ class StreamOutcome:
         tries: the attempts of the agents (and state callables), and how the last failed.
         persisted: the attempts to persist the stream, counted apart from the agents' (``None``
             until it is persisted).
-        cpu_seconds: the CPU time of the thread that ran the stream, while it ran (attempts
-            with a ``timeout`` run on threads of their own: not counted).
+        cpu_seconds: the CPU time of the pool thread that ran the stream, while it ran (set
+            by the executor, for its pace; attempts with a ``timeout`` run on threads of their
+            own: not counted).
     """
 
     stream_num: int
@@ -130,9 +130,7 @@ def run_stream(plan: StreamPlan, stream: StreamInfo) -> StreamOutcome:
     piece: pa.Table = stream.context[plan.field]
     outcome = StreamOutcome(stream.num, piece.num_rows)
     timeout = plan.config.timeout
-    cpu = time.thread_time()
     done = plan.retry(outcome.tries, _attempt, plan, stream, piece, timeout=timeout)
-    outcome.cpu_seconds = time.thread_time() - cpu
     if done is not None:
         outcome.fields, outcome.processed, outcome.produced, outcome.skipped, outcome.loaded = done
     return outcome
@@ -162,7 +160,8 @@ def _attempt(
     written: Fields = {}
     processed = todo
     if todo.num_rows:
-        current = {**context, field: todo}
+        # The stream's context holds ``piece`` already: a copy only when rows were skipped.
+        current = context if todo is piece else {**context, field: todo}
         for index, agent in enumerate(plan.agents):
             attempt.enter(agent.name)
             fields = invoke_agent(agent, current, plan.loop, attempt)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future, wait
@@ -261,7 +262,8 @@ class _ScopeRun:
             on_thread = isinstance(future, Future)
             outcome = result_of(future) if isinstance(future, Future) else future.result()
             in_flight.popleft()
-            pace.completed(outcome, on_thread=on_thread)
+            if pace.watching:
+                pace.completed(outcome, on_thread=on_thread)
             result = self._complete(outcome, stream)
             if result is not None and self.failure is None:
                 yield result
@@ -270,7 +272,7 @@ class _ScopeRun:
         """Run a stream on the pool, or right here when streams run one at a time."""
         if self.pool is None or self.pace.one_at_a_time:
             return _Ran(run_stream(self.plan, stream))
-        return self.pool.submit(run_stream, self.plan, stream)
+        return self.pool.submit(_run_on_thread, self.plan, stream)
 
     def _is_failing(self) -> bool:
         """Whether no new stream should start: a failure under ``on_error="raise"`` is known,
@@ -500,6 +502,14 @@ class _ScopeRun:
         self.executor.execution_stats = self.recorder.as_dict()
         if self.began and self.store is not None:
             self.store.end_run(self.executor.execution_stats, self.status)
+
+
+def _run_on_thread(plan: StreamPlan, stream: StreamInfo) -> StreamOutcome:
+    """:func:`run_stream` on a pool thread, with that thread's CPU time (the pace weighs it)."""
+    cpu = time.thread_time()
+    outcome = run_stream(plan, stream)
+    outcome.cpu_seconds = time.thread_time() - cpu
+    return outcome
 
 
 def _nothing() -> None:
