@@ -11,15 +11,22 @@ PY := $(BIN)/python
 CORE_STAMP := $(VENV)/.arrowflow-core
 DEV_STAMP := $(VENV)/.arrowflow-dev
 
+# `make test-min`: the suite against the lowest declared version of every dependency
+# (constraints/minimum.txt), in a venv of its own.
+MIN_VENV ?= .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+MIN_STAMP := $(MIN_VENV)/.arrowflow-min
+
 BENCH_OPTS ?= --benchmark-group-by=group --benchmark-sort=name \
 	--benchmark-columns=min,median,mean,stddev,rounds
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lint bench format clean
+.PHONY: help demo test test-min lint bench format clean
 
 help:
 	@echo "make demo    run the prospect pipeline over data/ and write out/prospects.parquet"
 	@echo "make test    install the dev extras into $(VENV) and run the test suite"
+	@echo "make test-min  the suite with the lowest declared dependencies, in $(MIN_VENV)"
 	@echo "make lint    ruff check, ruff format --check and mypy"
 	@echo "make bench   overhead benchmarks (ARROWFLOW_BENCH_ROWS=1000000 for a quick run)"
 	@echo "make format  ruff format and ruff check --fix"
@@ -42,6 +49,17 @@ demo: $(CORE_STAMP)
 test: $(DEV_STAMP)
 	$(PY) -m pytest
 
+$(MIN_PY):
+	$(PYTHON) -m venv $(MIN_VENV)
+
+$(MIN_STAMP): pyproject.toml constraints/minimum.txt | $(MIN_PY)
+	$(MIN_PY) -m pip install --quiet -e '.[dev]' -c constraints/minimum.txt
+	touch $@
+
+test-min: $(MIN_STAMP)
+	$(MIN_PY) -m pip list --format=freeze | grep -iE '^(pyarrow|duckdb|pydantic|numpy|polars|tqdm|pandas)=='
+	$(MIN_PY) -m pytest
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -57,4 +75,4 @@ format: $(DEV_STAMP)
 clean:
 	rm -rf out build dist .pytest_cache .mypy_cache .ruff_cache .benchmarks .hypothesis
 	rm -rf src/*.egg-info
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(MIN_VENV) \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

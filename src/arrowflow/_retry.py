@@ -85,18 +85,18 @@ class Attempt:
     The step names what a failure or a timeout is blamed on.
     """
 
-    __slots__ = ("_cancelled", "_pending", "abandoned", "deadline", "step")
+    __slots__ = ("_is_cancelled", "_pending", "abandoned", "deadline", "step")
 
     def __init__(self, cancelled: threading.Event, timeout: float | None) -> None:
         self.step = "skip_if"
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.abandoned = False
-        self._cancelled = cancelled
+        self._is_cancelled = cancelled.is_set  # asked at every step: bound once
         self._pending: concurrent.futures.Future[Any] | None = None
 
     def enter(self, step: str) -> None:
         """Start ``step``, unless the attempt or its run was given up."""
-        if self.abandoned or self._cancelled.is_set():
+        if self.abandoned or self._is_cancelled():
             raise Cancelled(f"stopped before {step}")
         self.step = step
 

@@ -178,11 +178,14 @@ def _attempt(
             current = {**current, **fields}
             written.update(fields)
         processed = current[field]
-    attempt.enter("merge of loaded and processed rows")
     if mask is not None and plan.key is not None:
+        attempt.enter("merge of loaded and processed rows")
         results = _in_input_order(loaded, processed, piece, mask, skipped, todo, plan.key)
+    elif loaded is not None:
+        attempt.enter("merge of loaded and processed rows")
+        results = _combine(loaded, processed)
     else:
-        results = processed if loaded is None else _combine(loaded, processed)
+        results = processed
     written[field] = results
     skipped_rows = piece.num_rows - todo.num_rows
     return written, todo, processed, skipped_rows, 0 if loaded is None else loaded.num_rows

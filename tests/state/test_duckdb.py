@@ -49,7 +49,7 @@ def test_seed_example_processes_only_the_300_new_rows(
     if done == "first_700":
         before = companies.slice(0, 700)
     else:
-        before = companies.filter(pc.less(pc.remainder(companies["id"], 10), 7))
+        before = companies.filter(pa.array(companies["id"].to_numpy() % 10 < 7))
     assert before.num_rows == 700
     store = make_store(state_path, table="quick_fit", key="id")
 
@@ -375,7 +375,7 @@ def test_skip_if_from_several_threads_agrees_with_one(
 ) -> None:
     companies = make_companies(2000)
     store = make_store()
-    is_done = pc.equal(pc.remainder(companies["id"], 3), 0)
+    is_done = pa.array(companies["id"].to_numpy() % 3 == 0)
     done = companies.filter(is_done)
     scope = ScopeInfo(("m.A",), "companies", "id", companies.schema, "A")
     store.begin_run(scope, done)
