@@ -92,7 +92,7 @@ def streamed_flow(stream_size: int, max_concurrency: int) -> af.Flow:
 
 #: Goals of ``max_concurrency=2`` over ``max_concurrency=1`` (time ratio), per stream size.
 CPU_GOALS = {1_000: ("<=", 1.1), 100_000: ("<=", 1 / 1.3)}
-CPU_ROUNDS = int(os.environ.get("ARROWFLOW_BENCH_CPU_ROUNDS", "6"))
+CPU_ROUNDS = int(os.environ.get("ARROWFLOW_BENCH_CPU_ROUNDS", "10"))
 
 
 def polars_slices(table: pa.Table, stream_size: int) -> pa.Table:
