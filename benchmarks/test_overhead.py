@@ -26,7 +26,7 @@ import arrowflow as af
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from conftest import OverheadReport
+    from conftest import Figures, OverheadReport
 
 STREAM_SIZES = [1_000, 10_000, 100_000]
 
@@ -119,3 +119,60 @@ def test_overhead(
     overhead_report.add(stream_size, "hand_loop", min(timed), statistics.median(timed), rounds)
     stats = benchmark.stats.stats
     overhead_report.add(stream_size, "arrowflow", stats.min, stats.median, rounds)
+
+
+# --------------------------------------------------------------------------- identity steps
+
+IDENTITY_STREAM_SIZE = 1_000
+GOAL_IDENTITY_US = 10.0
+
+
+class Identity(af.Agent):
+    def call(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        return {"rows": context["rows"]}
+
+
+def identity_flow(stream_size: int) -> af.Flow:
+    @af.intelligent_streaming(stream_size, over="rows")
+    class StreamedIdentity(Identity):
+        pass
+
+    return StreamedIdentity >> Identity >> Identity
+
+
+def test_overhead_of_steps_that_do_nothing(
+    benchmark: Any, table: pa.Table, figures: Figures, rounds: int
+) -> None:
+    """Three agents returning their input, against ``Table.slice`` + ``pa.concat_tables``: what
+    a stream costs arrowflow itself (contexts, metadata, attempts, statistics, merge)."""
+    size = IDENTITY_STREAM_SIZE
+    benchmark.group = f"identity steps, stream size {size:,} ({table.num_rows:,} rows)"
+    flow = identity_flow(size)
+    hand_seconds: list[float] = []
+
+    def hand_round() -> None:
+        started = time.perf_counter()
+        result = pa.concat_tables(
+            [table.slice(offset, size) for offset in range(0, table.num_rows, size)]
+        )
+        hand_seconds.append(time.perf_counter() - started)
+        assert result.num_rows == table.num_rows
+
+    def arrowflow_round() -> pa.Table:
+        result: pa.Table = flow.run(rows=table, progress=False)["rows"]
+        return result
+
+    result = benchmark.pedantic(
+        arrowflow_round, setup=hand_round, rounds=rounds, iterations=1, warmup_rounds=1
+    )
+    assert result.equals(table)
+    hand = min(hand_seconds[-rounds:])
+    best = benchmark.stats.stats.min
+    per_stream = (best - hand) / -(-table.num_rows // size) * 1e6
+    met = "met" if per_stream <= GOAL_IDENTITY_US else "missed"
+    figures.add(
+        "arrowflow overhead with steps that do nothing",
+        f"three identity agents, {table.num_rows:,} rows, {size:,} per stream, best of {rounds}",
+        f"slice + concat {hand:.3f} s, arrowflow {best:.3f} s: {per_stream:.1f} us per stream, "
+        f"goal <= {GOAL_IDENTITY_US:.0f} us: {met}",
+    )

@@ -164,9 +164,10 @@ def _attempt(
         current = context if todo is piece else {**context, field: todo}
         for index, agent in enumerate(plan.agents):
             attempt.enter(agent.name)
+            before = current[field]
             fields = invoke_agent(agent, current, plan.loop, attempt)
-            value = fields.get(field, current[field])
-            if value is not current[field]:
+            value = fields.get(field, before)
+            if value is not before:
                 table = (
                     plan.as_plain_table(index, value)
                     if type(value) is pa.Table

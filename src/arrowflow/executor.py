@@ -289,24 +289,26 @@ class _ScopeRun:
 
     def _streams(self) -> Iterator[StreamInfo]:
         """Each stream with its context, its hook ``on_stream_start`` called just before."""
-        field = self.plan.field
+        field, base, scope_id, cutter = self.plan.field, self.base, self.scope_id, self.cutter
+        on_start = self.plan.callables.on_start
         offset = 0
-        for num, piece in enumerate(self.cutter, 1):
+        for num, piece in enumerate(cutter, 1):
+            rows = piece.num_rows
             context = {
-                **self.base,
+                **base,
                 field: piece,
                 "_batch_metadata": {
                     "batch_number": num,
-                    "total_batches": self.cutter.total,
-                    "batch_size": piece.num_rows,
-                    "scope_id": self.scope_id,
+                    "total_batches": cutter.total,  # known once a reader is exhausted
+                    "batch_size": rows,
+                    "scope_id": scope_id,
                     "array_field": field,
                 },
             }
-            if self.plan.callables.on_start is not None:
-                self._hook("on_stream_start", num, self.cutter.total, Context(context))
-            yield StreamInfo(num, offset, piece.num_rows, self.scope_id, context)
-            offset += piece.num_rows
+            if on_start is not None:
+                self._hook("on_stream_start", num, cutter.total, Context(context))
+            yield StreamInfo(num, offset, rows, scope_id, context)
+            offset += rows
 
     def _hook(self, name: str, *args: Any) -> None:
         hook = getattr(self.plan.callables, _HOOK_ATTRIBUTES[name])
