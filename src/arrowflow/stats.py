@@ -32,8 +32,8 @@ class StreamRecord(NamedTuple):
     """What happened to one stream: ``status`` is ``"ok"``, ``"failed"`` (``rows_out`` 0,
     ``error`` set) or ``"interrupted"`` (running when the run was interrupted).
 
-    A named tuple of plain values: a run keeps one per stream, and the garbage collector stops
-    looking at such tuples, where it would walk every record object at each collection.
+    A named tuple of plain values, one per stream: the statistics table is built by zipping
+    them column by column, in C, however many streams a run has.
     """
 
     stream_num: int
