@@ -79,6 +79,33 @@ def streamed_flow(stream_size: int) -> af.Flow:
     return StreamedDoubleX >> DropThirds >> AddId
 
 
+def alternate(
+    benchmark: Any, hand: Callable[[], pa.Table], flow: af.Flow, table: pa.Table, rounds: int
+) -> tuple[pa.Table, list[float]]:
+    """``flow`` over ``table`` timed by pytest-benchmark for ``rounds`` rounds (after one warm-up
+    round); before each, untimed by it, ``hand`` runs and is timed here, so the two alternate and
+    share the machine's state. Returns arrowflow's result and the hand rounds' seconds (the
+    warm-up's left out); both results are checked equal."""
+    seconds: list[float] = []
+    last: list[pa.Table] = []
+
+    def hand_round() -> None:
+        started = time.perf_counter()
+        result = hand()
+        seconds.append(time.perf_counter() - started)
+        last[:] = [result]
+
+    def arrowflow_round() -> pa.Table:
+        result: pa.Table = flow.run(rows=table, progress=False)["rows"]
+        return result
+
+    result = benchmark.pedantic(
+        arrowflow_round, setup=hand_round, rounds=rounds, iterations=1, warmup_rounds=1
+    )
+    assert result.equals(last[0])
+    return result, seconds[-rounds:]
+
+
 @pytest.fixture(scope="session")
 def expected(table: pa.Table) -> pa.Table:
     """The three steps over the whole table at once: what every run must return."""
@@ -97,25 +124,10 @@ def test_overhead(
     """arrowflow's rounds are timed by pytest-benchmark; before each, untimed by it, the hand
     loop runs and is timed here, so the two alternate and share the machine's state."""
     benchmark.group = f"stream size {stream_size:,} ({table.num_rows:,} rows)"
-    flow = streamed_flow(stream_size)
-    hand_seconds: list[float] = []
-
-    def hand_round() -> None:
-        started = time.perf_counter()
-        result = hand_loop(table, stream_size)
-        hand_seconds.append(time.perf_counter() - started)
-        assert result.equals(expected)
-
-    def arrowflow_round() -> pa.Table:
-        result: pa.Table = flow.run(rows=table, progress=False)["rows"]
-        return result
-
-    result = benchmark.pedantic(
-        arrowflow_round, setup=hand_round, rounds=rounds, iterations=1, warmup_rounds=1
+    result, timed = alternate(
+        benchmark, lambda: hand_loop(table, stream_size), streamed_flow(stream_size), table, rounds
     )
-
     assert result.equals(expected)
-    timed = hand_seconds[-rounds:]  # the warm-up round's hand loop is left out too
     overhead_report.add(stream_size, "hand_loop", min(timed), statistics.median(timed), rounds)
     stats = benchmark.stats.stats
     overhead_report.add(stream_size, "arrowflow", stats.min, stats.median, rounds)
@@ -147,26 +159,15 @@ def test_overhead_of_steps_that_do_nothing(
     a stream costs arrowflow itself (contexts, metadata, attempts, statistics, merge)."""
     size = IDENTITY_STREAM_SIZE
     benchmark.group = f"identity steps, stream size {size:,} ({table.num_rows:,} rows)"
-    flow = identity_flow(size)
-    hand_seconds: list[float] = []
 
-    def hand_round() -> None:
-        started = time.perf_counter()
-        result = pa.concat_tables(
+    def slices() -> pa.Table:
+        return pa.concat_tables(
             [table.slice(offset, size) for offset in range(0, table.num_rows, size)]
         )
-        hand_seconds.append(time.perf_counter() - started)
-        assert result.num_rows == table.num_rows
 
-    def arrowflow_round() -> pa.Table:
-        result: pa.Table = flow.run(rows=table, progress=False)["rows"]
-        return result
-
-    result = benchmark.pedantic(
-        arrowflow_round, setup=hand_round, rounds=rounds, iterations=1, warmup_rounds=1
-    )
+    result, hand_seconds = alternate(benchmark, slices, identity_flow(size), table, rounds)
     assert result.equals(table)
-    hand = min(hand_seconds[-rounds:])
+    hand = min(hand_seconds)
     best = benchmark.stats.stats.min
     per_stream = (best - hand) / -(-table.num_rows // size) * 1e6
     met = "met" if per_stream <= GOAL_IDENTITY_US else "missed"

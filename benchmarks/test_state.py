@@ -208,21 +208,31 @@ def _in_input_order(parts: list[pa.Table]) -> pa.Table:
     return rows.take(order)
 
 
+def _done_rows(con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """The semi-join: the stored rows of the input's done keys, each with its input ``pos``."""
+    return con.sql(
+        f"SELECT i.{POS}, r.* FROM {INPUT} i SEMI JOIN {DONE} d ON i.id = d.key "
+        f"JOIN {TABLE} r ON r.id = i.id"
+    ).to_arrow_table()
+
+
+def _store(con: duckdb.DuckDBPyConnection, new_rows: pa.Table) -> None:
+    """One transaction inserting the new results and marking their keys done."""
+    con.register("new_rows", new_rows)
+    con.execute("BEGIN TRANSACTION")
+    con.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM new_rows")
+    con.execute(f"INSERT INTO {DONE} (fp, key) SELECT 1, id FROM new_rows")
+    con.execute("COMMIT")
+
+
 def by_hand_resume(path: Path, source: pa.Table | Path) -> pa.Table:
     """Anti-join, semi-join, the agent on the new rows, one insert, the merge in input order."""
     with duckdb.connect(str(path)) as con:
         _register_input(con, source)
         todo = con.sql(f"SELECT i.* FROM {INPUT} i ANTI JOIN {DONE} d ON i.id = d.key")
-        loaded = con.sql(
-            f"SELECT i.{POS}, r.* FROM {INPUT} i SEMI JOIN {DONE} d ON i.id = d.key "
-            f"JOIN {TABLE} r ON r.id = i.id"
-        ).to_arrow_table()
+        loaded = _done_rows(con)
         new_rows = double_x(todo.to_arrow_table())
-        con.register("new_rows", new_rows)
-        con.execute("BEGIN TRANSACTION")
-        con.execute(f"INSERT INTO {TABLE} BY NAME SELECT * EXCLUDE ({POS}) FROM new_rows")
-        con.execute(f"INSERT INTO {DONE} (fp, key) SELECT 1, id FROM new_rows")
-        con.execute("COMMIT")
+        _store(con, new_rows.drop_columns([POS]))
     return _in_input_order([new_rows, loaded])
 
 
@@ -234,10 +244,7 @@ def by_hand_streams(path: Path, source: pa.Table, stream_size: int) -> pa.Table:
     n = source.num_rows
     with duckdb.connect(str(path)) as con:
         _register_input(con, source)
-        loaded = con.sql(
-            f"SELECT i.{POS}, r.* FROM {INPUT} i SEMI JOIN {DONE} d ON i.id = d.key "
-            f"JOIN {TABLE} r ON r.id = i.id"
-        ).to_arrow_table()
+        loaded = _done_rows(con)
         positions = loaded[POS].to_numpy()
         done = np.zeros(n, dtype=np.bool_)
         done[positions] = True
@@ -262,11 +269,7 @@ def by_hand_streams(path: Path, source: pa.Table, stream_size: int) -> pa.Table:
             parts.append(results.take(pa.array(taken)))
             new.append(processed)
         new_rows = pa.concat_tables(new)
-        con.register("new_rows", new_rows)
-        con.execute("BEGIN TRANSACTION")
-        con.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM new_rows")
-        con.execute(f"INSERT INTO {DONE} (fp, key) SELECT 1, id FROM new_rows")
-        con.execute("COMMIT")
+        _store(con, new_rows)
     return pa.concat_tables(parts)
 
 
@@ -274,10 +277,7 @@ def by_hand_load(path: Path, parquet: Path) -> pa.Table:
     """The bare semi-join: the stored rows of the input's done keys, in input order."""
     with duckdb.connect(str(path)) as con:
         _register_input(con, parquet)
-        loaded = con.sql(
-            f"SELECT i.{POS}, r.* FROM {INPUT} i SEMI JOIN {DONE} d ON i.id = d.key "
-            f"JOIN {TABLE} r ON r.id = i.id"
-        ).to_arrow_table()
+        loaded = _done_rows(con)
     return _in_input_order([loaded])
 
 
