@@ -500,7 +500,7 @@ def test_progress_bar_has_the_total_of_a_scan_from_the_start(
         def __init__(self, description: str, total: int | None) -> None:
             totals.append(("open", total))
 
-        def update(self, record: Any, total: int | None) -> None:
+        def update(self, rows_in: int, failed: bool, total: int | None) -> None:
             totals.append(("update", total))
 
         def close(self) -> None:

@@ -92,7 +92,7 @@ def test_a_failing_progress_bar_does_not_skip_the_rest(make_companies, tmp_path,
         def __init__(self, description: str, total: int | None) -> None:
             pass
 
-        def update(self, record: Any, total: int | None) -> None:
+        def update(self, rows_in: int, failed: bool, total: int | None) -> None:
             pass
 
         def close(self) -> None:

@@ -114,12 +114,12 @@ def invoke_agent(
             f"Agent '{agent.name}': in_chunks_of needs a table in field '{field}', found {found}."
         )
     cutter = StreamCutter(to_table_or_reader(context[field]), chunks.size)
-    outputs: list[tuple[int, Fields]] = []
+    outputs: dict[int, Fields] = {}
     for num, piece in enumerate(cutter, 1):
         chunk = {**context, field: piece}
         fields = _to_fields(agent, _resolve(agent.call(Context(chunk)), loop, attempt), chunk)
         fields = {**fields, field: as_table(agent, fields.get(field, piece), field, f"chunk {num}")}
-        outputs.append((num, fields))
+        outputs[num] = fields
     return merge_outputs({}, field, outputs, cutter.schema, f"Agent '{agent.name}'")
 
 

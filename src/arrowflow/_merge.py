@@ -12,8 +12,10 @@ from arrowflow.exceptions import ExecutionError
 
 __all__ = ["concat_in_order", "merge_outputs"]
 
-#: One stream's number and the fields it wrote (its streamed field always included).
-Outputs = tuple[int, Mapping[str, Any]]
+#: Each stream's number and the fields it wrote (its streamed field always included), in
+#: stream order. A mapping rather than a list of pairs: a pair holding a dict stays tracked by
+#: Python's garbage collector, and a run keeps one per stream to its end.
+Outputs = Mapping[int, Mapping[str, Any]]
 
 
 def concat_in_order(
@@ -27,9 +29,11 @@ def concat_in_order(
     """
     if not tables:
         return empty.empty_table()
-    first_num, first = tables[0]
-    if all(table.schema.equals(first.schema) for _, table in tables):
+    try:
+        # Arrow compares the schemas itself, in C: a run may have millions of streams.
         return pa.concat_tables([table for _, table in tables])
+    except pa.ArrowInvalid:
+        pass
     # A stream whose rows were all filtered or skipped may carry its input's schema; it adds
     # no rows, so it must not add columns either.
     tables = [pair for pair in tables if pair[1].num_rows] or [tables[0]]
@@ -63,7 +67,7 @@ def _one_line(schema: pa.Schema) -> str:
 def merge_outputs(
     base: Mapping[str, Any],
     field: str,
-    outputs: Sequence[Outputs],
+    outputs: Outputs,
     empty: pa.Schema,
     where: str,
 ) -> dict[str, Any]:
@@ -76,10 +80,12 @@ def merge_outputs(
     merged = dict(base)
     merged.pop("_batch_metadata", None)
     merged[field] = concat_in_order(
-        [(num, fields[field]) for num, fields in outputs], empty, f"{where}, field '{field}'"
+        [(num, fields[field]) for num, fields in outputs.items()],
+        empty,
+        f"{where}, field '{field}'",
     )
     written: dict[str, list[tuple[int, Any]]] = {}
-    for num, fields in outputs:
+    for num, fields in outputs.items():
         for name, value in fields.items():
             if name != field:
                 written.setdefault(name, []).append((num, value))

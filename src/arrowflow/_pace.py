@@ -51,6 +51,7 @@ class Pace:
 
     Attributes:
         width: how many streams to keep in flight now; ``1`` runs them on the run's thread.
+        watching: whether completions still matter (the choice is not settled).
     """
 
     def __init__(self, limit: int, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -58,13 +59,9 @@ class Pace:
         self.width = limit
         self._clock = clock
         self._phase = _THREADS if limit > 1 else _SETTLED
+        self.watching = limit > 1  # read once per stream: an attribute, not a property
         self._window = _Window(clock)
         self._threads_rate = 0.0
-
-    @property
-    def watching(self) -> bool:
-        """Whether completions still matter (the choice is not settled)."""
-        return self._phase != _SETTLED
 
     @property
     def one_at_a_time(self) -> bool:
@@ -100,7 +97,7 @@ class Pace:
             self._phase = _ONE
 
     def _settle(self, width: int) -> None:
-        self._phase, self.width = _SETTLED, width
+        self._phase, self.width, self.watching = _SETTLED, width, False
 
 
 class _Window:

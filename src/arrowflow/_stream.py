@@ -129,8 +129,9 @@ def run_stream(plan: StreamPlan, stream: StreamInfo) -> StreamOutcome:
     """Skip, load, run the agents on the rest and order the rows, retrying as configured."""
     piece: pa.Table = stream.context[plan.field]
     outcome = StreamOutcome(stream.num, piece.num_rows)
-    timeout = plan.config.timeout
-    done = plan.retry(outcome.tries, _attempt, plan, stream, piece, timeout=timeout)
+    config = plan.config
+    args = (plan, stream, piece)
+    done = with_retries(outcome.tries, config, config.timeout, plan.cancelled, _attempt, args)
     if done is not None:
         outcome.fields, outcome.processed, outcome.produced, outcome.skipped, outcome.loaded = done
     return outcome

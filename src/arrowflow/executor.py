@@ -52,7 +52,7 @@ from arrowflow.hooks import call_hook
 from arrowflow.progress import ProgressBar, open_progress
 from arrowflow.results import StreamResult
 from arrowflow.state.base import ScopeInfo, StreamInfo
-from arrowflow.stats import StatsRecorder, StreamRecord
+from arrowflow.stats import StatsRecorder, StreamRow
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -191,7 +191,7 @@ class _ScopeRun:
         )
         self.cutter = StreamCutter(source, size, f"Agent '{trigger.name}', field '{field}'")
         self.recorder = StatsRecorder()
-        self.outputs: list[tuple[int, Fields]] = []
+        self.outputs: dict[int, Fields] = {}  # by stream number, in stream order
         self.scope_id = f"{trigger.name}:{next(_RUN_NUMBERS)}"
         self.store = store
         self.scope_info = self._scope_info(agents, source.schema)
@@ -205,7 +205,7 @@ class _ScopeRun:
         limit = config.max_concurrency
         self.pool = DaemonPool(limit, "arrowflow-stream") if limit > 1 else None
         self.pace = Pace(limit)
-        self.in_flight: deque[tuple[StreamInfo, Future[StreamOutcome] | _Ran | _Starting]] = deque()
+        self.in_flight: deque[tuple[StreamInfo, _Running]] = deque()
         executor.accumulated_results = []
 
     def _scope_info(self, agents: list[Agent], schema: pa.Schema) -> ScopeInfo:
@@ -258,9 +258,9 @@ class _ScopeRun:
                 in_flight[-1] = (stream, self._start(stream))
             if not in_flight:
                 return
-            stream, future = in_flight[0]
-            on_thread = isinstance(future, Future)
-            outcome = result_of(future) if isinstance(future, Future) else future.result()
+            stream, running = in_flight[0]
+            on_thread = isinstance(running, Future)
+            outcome = result_of(running) if isinstance(running, Future) else _ran(running)
             in_flight.popleft()
             if pace.watching:
                 pace.completed(outcome, on_thread=on_thread)
@@ -268,10 +268,11 @@ class _ScopeRun:
             if result is not None and self.failure is None:
                 yield result
 
-    def _start(self, stream: StreamInfo) -> Future[StreamOutcome] | _Ran:
-        """Run a stream on the pool, or right here when streams run one at a time."""
+    def _start(self, stream: StreamInfo) -> Future[StreamOutcome] | StreamOutcome:
+        """Run a stream on the pool, or right here (its outcome, then) when streams run one
+        at a time."""
         if self.pool is None or self.pace.one_at_a_time:
-            return _Ran(run_stream(self.plan, stream))
+            return run_stream(self.plan, stream)
         return self.pool.submit(_run_on_thread, self.plan, stream)
 
     def _is_failing(self) -> bool:
@@ -327,10 +328,9 @@ class _ScopeRun:
             persist_stream(self.plan, outcome, stream)
         num, total = outcome.stream_num, self.cutter.total
         fields = outcome.fields
-        record = _record(outcome, self.plan.field)
-        self.recorder.add(record)
+        self.recorder.add(_row(outcome, self.plan.field))
         if self.progress is not None:
-            self.progress.update(record, total)
+            self.progress.update(outcome.rows_in, fields is None, total)
         if fields is not None:
             if stopping:
                 return None
@@ -339,7 +339,7 @@ class _ScopeRun:
                 self.sink.write(results)
                 # The sink holds the rows now; keeping them here would grow without bound.
                 fields = {name: value for name, value in fields.items() if name != self.plan.field}
-            self.outputs.append((num, fields))
+            self.outputs[num] = fields
             self.executor.accumulated_results.append(fields)
             if self.plan.config.incremental:
                 self._hook("on_stream_complete", num, total, results)
@@ -394,7 +394,7 @@ class _ScopeRun:
         else:
             self.sink.abort()
         empty = self.cutter.schema.empty_table()
-        outputs = [(num, {**fields, field: empty}) for num, fields in self.outputs]
+        outputs = {num: {**fields, field: empty} for num, fields in self.outputs.items()}
         merged = merge_outputs(self.base, field, outputs, self.cutter.schema, where)
         merged[field] = self.sink.read_back(self.cutter.schema)
         return merged
@@ -409,7 +409,7 @@ class _ScopeRun:
 
     def _finish(self) -> dict[str, Any]:
         merged = self._merge(final=True)
-        if not self.plan.config.incremental and self.recorder.records:
+        if not self.plan.config.incremental and len(self.recorder):
             # Called once the streams ran, even when every one failed (then with no rows).
             total = self.cutter.total
             field = self.plan.field
@@ -424,13 +424,14 @@ class _ScopeRun:
 
     def _stop(self, error: BaseException) -> BaseException:
         """Stop the streams still running, keep those completed; return what to raise."""
-        completed = [(stream, future) for stream, future in self.in_flight if future.done()]
-        running = [(stream, future) for stream, future in self.in_flight if not future.done()]
+        completed = [(stream, ran) for stream, ran in self.in_flight if _is_done(ran)]
+        running = [(stream, ran) for stream, ran in self.in_flight if not _is_done(ran)]
         self.in_flight.clear()
         self.cancelled.set()
         self.plan.loop.cancel_all()
         for _, future in running:
-            future.cancel()
+            if isinstance(future, Future):
+                future.cancel()
         interrupted = is_interrupt(error)
         if interrupted:
             self.status = "interrupted"
@@ -444,7 +445,7 @@ class _ScopeRun:
         if not interrupted:
             return error
         for stream, _ in running:
-            self.recorder.add(_interrupted_record(stream))
+            self.recorder.add(_interrupted_row(stream))
         if running:
             with suppress(BaseException):  # a second Ctrl-C: stop waiting
                 futures = [future for _, future in running if isinstance(future, Future)]
@@ -460,14 +461,14 @@ class _ScopeRun:
         setattr(error, "execution_stats", self.recorder.as_dict())  # noqa: B010
         return error
 
-    def _keep(
-        self, completed: Iterable[tuple[StreamInfo, Future[StreamOutcome] | _Ran | _Starting]]
-    ) -> None:
+    def _keep(self, completed: Iterable[tuple[StreamInfo, _Running]]) -> None:
         """Persist and record, in stream order, the streams that completed before the stop."""
-        for stream, future in completed:
-            if isinstance(future, Future) and (future.cancelled() or future.exception()):
-                continue
-            self._complete(future.result(), stream, stopping=True)
+        for stream, ran in completed:
+            if isinstance(ran, Future):
+                if ran.cancelled() or ran.exception():
+                    continue
+                ran = ran.result()
+            self._complete(_ran(ran), stream, stopping=True)
 
     def _release(self, error: BaseException | None) -> None:
         """Release the pool, the event loop, the progress bar, the sink and the state store.
@@ -530,57 +531,48 @@ class _Starting:
 
     __slots__ = ()
 
-    def result(self) -> StreamOutcome:
-        raise AssertionError("a stream that was starting has no outcome")
-
-    def done(self) -> bool:
-        return False
-
-    def cancel(self) -> bool:
-        return False
-
 
 _STARTING = _Starting()
 
-
-class _Ran:
-    """The outcome of a stream run right here, shaped like a done ``Future`` of it."""
-
-    __slots__ = ("_outcome",)
-
-    def __init__(self, outcome: StreamOutcome) -> None:
-        self._outcome = outcome
-
-    def result(self) -> StreamOutcome:
-        return self._outcome
-
-    def done(self) -> bool:
-        return True
-
-    def cancel(self) -> bool:
-        return False
+#: A stream in flight: its future on the pool, its outcome when it ran on the run's thread
+#: (nothing to wait for), or :data:`_STARTING` while it is handed to the pool.
+_Running = Future[StreamOutcome] | StreamOutcome | _Starting
 
 
-def _record(outcome: StreamOutcome, field: str) -> StreamRecord:
+def _is_done(running: _Running) -> bool:
+    return isinstance(running, StreamOutcome) or (isinstance(running, Future) and running.done())
+
+
+def _ran(running: _Running) -> StreamOutcome:
+    """The outcome of a stream known to be done."""
+    assert isinstance(running, StreamOutcome), "a stream that was starting has no outcome"
+    return running
+
+
+def _row(outcome: StreamOutcome, field: str) -> StreamRow:
+    """The stream's statistics (the fields of a ``StreamRecord``)."""
     fields, tries = outcome.fields, outcome.tries
     persisted = outcome.persisted
     seconds = tries.seconds + (0.0 if persisted is None else persisted.seconds)
+    num, rows_in = outcome.stream_num, outcome.rows_in
     if fields is not None:
-        return StreamRecord(
-            outcome.stream_num,
-            outcome.rows_in,
-            fields[field].num_rows,
+        rows_out = fields[field].num_rows
+        return (
+            num,
+            rows_in,
+            rows_out,
             outcome.skipped,
             outcome.loaded,
             seconds,
             tries.count,
             "ok",
+            None,
         )
     failure = outcome.failure
     error = None if failure is None else failure.error
-    return StreamRecord(
-        outcome.stream_num,
-        outcome.rows_in,
+    return (
+        num,
+        rows_in,
         0,
         0,
         0,
@@ -591,8 +583,6 @@ def _record(outcome: StreamOutcome, field: str) -> StreamRecord:
     )
 
 
-def _interrupted_record(stream: StreamInfo) -> StreamRecord:
+def _interrupted_row(stream: StreamInfo) -> StreamRow:
     """A stream that was running when the run was interrupted: not completed, not failed."""
-    return StreamRecord(
-        stream.num, stream.rows, 0, 0, 0, 0.0, 0, "interrupted", "KeyboardInterrupt"
-    )
+    return (stream.num, stream.rows, 0, 0, 0, 0.0, 0, "interrupted", "KeyboardInterrupt")

@@ -9,12 +9,9 @@ when a bar is shown.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from arrowflow._compat import import_optional, is_installed
-
-if TYPE_CHECKING:
-    from arrowflow.stats import StreamRecord
 
 __all__ = ["ProgressBar", "open_progress"]
 
@@ -37,12 +34,13 @@ class ProgressBar:
         self._rows = 0
         self._failed = 0
 
-    def update(self, record: StreamRecord, total: int | None) -> None:
-        """Count one more stream; ``total`` fills in once a lazy input's length is known."""
+    def update(self, rows_in: int, failed: bool, total: int | None) -> None:
+        """Count one more stream, of ``rows_in`` rows; ``total`` fills in once a lazy input's
+        length is known."""
         if total is not None and self._bar.total != total:
             self._bar.total = total
-        self._rows += record.rows_in
-        self._failed += not record.is_ok
+        self._rows += rows_in
+        self._failed += failed
         elapsed = self._bar.format_dict.get("elapsed") or 0.0
         rate = self._rows / elapsed if elapsed else 0.0
         self._bar.set_postfix(rows_per_s=f"{rate:,.0f}", failed=self._failed, refresh=False)

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["STREAMS_SCHEMA", "StatsRecorder", "StreamRecord"]
+__all__ = ["STREAMS_SCHEMA", "StatsRecorder", "StreamRecord", "StreamRow"]
 
 #: Columns of ``execution_stats["streams"]``: one row per stream, in stream order.
 STREAMS_SCHEMA = pa.schema(
@@ -32,8 +32,7 @@ class StreamRecord(NamedTuple):
     """What happened to one stream: ``status`` is ``"ok"``, ``"failed"`` (``rows_out`` 0,
     ``error`` set) or ``"interrupted"`` (running when the run was interrupted).
 
-    A named tuple of plain values, one per stream: the statistics table is built by zipping
-    them column by column, in C, however many streams a run has.
+    The recorder keeps each as a plain :data:`StreamRow` and makes them named when asked.
     """
 
     stream_num: int
@@ -51,26 +50,36 @@ class StreamRecord(NamedTuple):
         return self.status == "ok"
 
 
+#: The values of a :class:`StreamRecord`, in its order, as a plain tuple: Python's garbage
+#: collector stops tracking a tuple of plain values, never a named tuple. A run keeps one per
+#: stream to its end; millions of tracked ones would make every full collection walk them all.
+StreamRow = tuple[int, int, int, int, int, float, int, str, str | None]
+
+
 @dataclass
 class StatsRecorder:
     """Collects stream records during a run and renders ``execution_stats``."""
 
     start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
-    records: list[StreamRecord] = field(default_factory=list)
+    _rows: list[StreamRow] = field(default_factory=list)
 
-    def add(self, record: StreamRecord) -> None:
-        self.records.append(record)
+    def add(self, row: StreamRow) -> None:
+        self._rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def records(self) -> list[StreamRecord]:
+        """The records so far, in the order they were added."""
+        return [StreamRecord._make(row) for row in self._rows]
 
     def as_dict(self, *, finished: bool = True) -> dict[str, Any]:
         """The ``execution_stats`` mapping; ``end_time`` is ``None`` while running."""
         # In stream order: an interrupted run records the streams it kept before those it cut.
-        records = sorted(self.records, key=_STREAM_NUM)
-        # Column by column, in C: a run may have millions of streams.
-        columns = list(zip(*records, strict=True)) or [()] * len(STREAMS_SCHEMA)
-        streams = pa.Table.from_arrays(
-            [pa.array(c, f.type) for c, f in zip(columns, STREAMS_SCHEMA, strict=True)],
-            schema=STREAMS_SCHEMA,
-        )
+        records = sorted(self._rows, key=_STREAM_NUM)
+        # Converted in C, with no Python object per stream: a run may have millions of them.
+        streams = pa.Table.from_struct_array(pa.array(records, _RECORD_TYPE))
         ok = pc.equal(streams["status"], "ok")
         return {
             "total_batches": len(records),
@@ -87,6 +96,7 @@ class StatsRecorder:
 
 
 _STREAM_NUM = operator.itemgetter(0)
+_RECORD_TYPE = pa.struct(list(STREAMS_SCHEMA))
 
 
 def _sum(values: pa.Array | pa.ChunkedArray, where: pa.Array | None = None) -> int:
