@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import re
 from typing import Any
@@ -558,8 +559,32 @@ class TestStats:
         assert [s["total_items"] for s in result.stats] == [25, 25]
         assert result["companies"]["id"].to_pylist() == list(range(0, 25, 2))
 
+    # --------------------------------------------------------------------------- merging
 
-# --------------------------------------------------------------------------- merging
+    def test_what_a_run_keeps_per_stream_is_not_walked_by_the_garbage_collector(
+        self, make_companies
+    ) -> None:
+        """A run keeps each stream's output and statistics to its end. Were they objects the
+        garbage collector tracks, a run of millions of streams would make every full
+        collection walk them all (and trigger more of them)."""
+        tracked: dict[int, int] = {}
+
+        @af.intelligent_streaming(2, over="companies", incremental=True)
+        class Tag(af.Agent):
+            def call(self, context: Any) -> dict[str, Any]:
+                rows = context["companies"]
+                return {"companies": rows, "note": "seen"}
+
+            def on_stream_complete(self, num: int, total: int, results: Any) -> None:
+                if num in (20, 220):
+                    gc.collect()
+                    tracked[num] = len(gc.get_objects())
+
+        result = af.Flow(Tag).run(companies=make_companies(500))
+        assert result["companies"].num_rows == 500
+        assert result.stats[0]["total_batches"] == 250
+        # 200 streams in between: a tracked object per stream would add 200.
+        assert tracked[220] - tracked[20] < 20
 
 
 class TestMerge:

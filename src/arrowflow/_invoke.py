@@ -25,6 +25,7 @@ from arrowflow.exceptions import ConfigurationError, ExecutionError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from arrowflow._config import StreamingConfig
     from arrowflow._retry import Attempt
 
 __all__ = [
@@ -172,12 +173,12 @@ class Callables:
     persist: Callable[..., Any] | None
 
     @classmethod
-    def of(cls, trigger: Agent) -> Callables:
-        """The trigger's callables; ``ConfigurationError`` for one that cannot take its
-        arguments."""
+    def of(cls, trigger: Agent, config: StreamingConfig | None = None) -> Callables:
+        """The trigger's callables under ``config`` (by default its class's declaration);
+        ``ConfigurationError`` for one that cannot take its arguments."""
         found = []
         for name, parameters in _SIGNATURES.items():
-            function = bound_callable(trigger, name)
+            function = bound_callable(trigger, name, config)
             if function is not None:
                 _check_signature(trigger, name, function, parameters)
             found.append(function)

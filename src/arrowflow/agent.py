@@ -325,13 +325,16 @@ def _method(owner: type[Agent] | Agent, name: str) -> Callable[..., Any] | None:
     return None
 
 
-def bound_callable(agent: Agent, name: str) -> Callable[..., Any] | None:
+def bound_callable(
+    agent: Agent, name: str, config: StreamingConfig | None = None
+) -> Callable[..., Any] | None:
     """The hook or state callable ``name`` of a streaming agent.
 
-    An option of the declaration wins, then the ``state=`` store's method, then a method of
-    the agent (under its name or its seed alias).
+    An option of the declaration (``config``, by default the class's own) wins, then the
+    ``state=`` store's method, then a method of the agent (under its name or its seed alias).
     """
-    config = type(agent)._streaming
+    if config is None:
+        config = type(agent)._streaming
     if config is not None:
         option = getattr(config, name)
         if option is not None:

@@ -41,7 +41,6 @@ from arrowflow._slicing import StreamCutter
 from arrowflow._store import store_for
 from arrowflow._stream import StreamOutcome, StreamPlan, persist_stream, run_stream
 from arrowflow._workers import DaemonPool, result_of
-from arrowflow.agent import Agent, agent_class
 from arrowflow.context import Context
 from arrowflow.exceptions import (
     BatchExecutionError,
@@ -59,6 +58,7 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
 
+    from arrowflow.agent import Agent
     from arrowflow.io import Sink
     from arrowflow.scope import BatchingScope
 
@@ -171,7 +171,7 @@ class _ScopeRun:
         agents = [instantiate(member) for member in scope.agents]
         check_agents(agents)
         trigger = agents[0]
-        config = agent_class(trigger)._streaming or StreamingConfig(stream_size=size)
+        config = scope.streaming_config() or StreamingConfig(stream_size=size)
         field = scope.detect_array_field(context)
         source = scope.get_source(context, field)
         key = config.key or getattr(config.state, "key", None)
@@ -184,7 +184,7 @@ class _ScopeRun:
         self.base = context
         self.trigger = trigger
         self.cancelled = threading.Event()
-        callables = Callables.of(trigger)
+        callables = Callables.of(trigger, config)
         store = store_for(config.state, callables, field)
         self.plan = StreamPlan(
             agents, field, key, config, callables, store, EventLoop(), self.cancelled

@@ -11,13 +11,14 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
-from arrowflow._config import STREAMING_KEYWORDS, is_misspelling
+from arrowflow._config import STREAMING_KEYWORDS, StreamingConfig, build, is_misspelling
 from arrowflow._invoke import check_agents, instantiate, invoke_agent
 from arrowflow._retry import is_interrupt
 from arrowflow._store import check_shared_tables
-from arrowflow.agent import Agent, AgentLike, agent_class
+from arrowflow.agent import Agent, AgentLike
 from arrowflow.exceptions import ConfigurationError
 from arrowflow.executor import PipelineBatchExecutor, drain
 from arrowflow.io import as_sink
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from arrowflow.io import Sink
+    from arrowflow.state.base import StateStore
 
 __all__ = ["Flow", "FlowStream", "Pipeline"]
 
@@ -145,13 +147,15 @@ class Flow:
         (['A', 'B'], 2)
     """
 
-    __slots__ = ("agents",)
+    __slots__ = ("agents", "options")
 
     def __init__(self, *steps: AgentLike | Flow) -> None:
         agents: list[AgentLike] = []
+        options: dict[str, Mapping[str, Any]] = {}
         for step in steps:
             if isinstance(step, Flow):
                 agents.extend(step.agents)
+                options.update(step.options)
             elif _is_agent(step):
                 agents.append(step)
             else:
@@ -160,6 +164,9 @@ class Flow:
                     "function with @af.agent."
                 )
         self.agents: tuple[AgentLike, ...] = tuple(agents)
+        #: Per trigger name, the options its scope runs with instead of the declared ones
+        #: (:meth:`with_options`).
+        self.options: Mapping[str, Mapping[str, Any]] = MappingProxyType(options)
 
     def __rshift__(self, other: AgentLike | Flow) -> Flow:
         return Flow(self, other)
@@ -174,7 +181,11 @@ class Flow:
         return len(self.agents)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Flow) and self.agents == other.agents
+        return (
+            isinstance(other, Flow)
+            and self.agents == other.agents
+            and self.options == other.options
+        )
 
     def __hash__(self) -> int:
         return hash(self.agents)
@@ -185,6 +196,65 @@ class Flow:
     def scopes(self) -> list[BatchingScope]:
         """The flow's streaming scopes; ``ConfigurationError`` if they nest or do not pair."""
         return BatchingScopeManager().detect_scopes(self)
+
+    def with_options(
+        self,
+        *,
+        stream_size: int | None = None,
+        max_concurrency: int | None = None,
+        state: StateStore | None = None,
+        scope: str | None = None,
+    ) -> Flow:
+        """This flow, with one scope run at another stream size, concurrency or state store.
+
+        The scope is the first one, or the one whose trigger agent is named ``scope``. The
+        options given replace the trigger's declared ones for this flow only; ``None`` keeps
+        the declared value, and everything else of the declaration (hooks, retries, ``over``,
+        ``key`` …) is kept. The agents' classes are not touched, so the same agents keep
+        their declaration in other flows. A state store fingerprints what a scope computes
+        (its agents, field, key and input schema), not how it is cut: a run resumed with
+        another ``stream_size`` or ``max_concurrency`` skips the rows already done.
+
+        ``ConfigurationError`` (before anything runs) for a flow without a scope, an unknown
+        or ambiguous ``scope``, or an invalid value.
+
+        Example:
+            >>> import pyarrow as pa
+            >>> import arrowflow as af
+            >>> @af.intelligent_streaming(stream_size=100, over="rows")
+            ... class Tag(af.Agent):
+            ...     def call(self, context):
+            ...         return None
+            >>> faster = af.Flow(Tag).with_options(stream_size=2)
+            >>> faster.run(rows=pa.table({"n": range(5)})).stats[0]["total_batches"]
+            3
+            >>> Tag.batching_config()["triggers"]["chunk_size"]  # the class is unchanged
+            100
+        """
+        scopes = self.scopes()
+        if not scopes:
+            raise ConfigurationError(
+                f"{self!r}.with_options(): the flow has no streaming scope; declare "
+                "@af.intelligent_streaming on one of its agents."
+            )
+        names = [found.trigger_name for found in scopes]
+        name = names[0] if scope is None else scope
+        if names.count(name) != 1:
+            problem = "is in no scope" if name not in names else "triggers two scopes"
+            raise ConfigurationError(
+                f"{self!r}.with_options(scope={scope!r}): agent '{name}' {problem}; the "
+                f"scopes are triggered by {', '.join(map(repr, names))}."
+            )
+        given = {"stream_size": stream_size, "max_concurrency": max_concurrency, "state": state}
+        changed = {option: value for option, value in given.items() if value is not None}
+        chosen = scopes[names.index(name)]
+        declared = chosen.streaming_config()
+        assert declared is not None  # a scope's trigger declares streaming
+        # Validated as a whole declaration, so a bad value is refused as in the decorator.
+        build(StreamingConfig, name, **{**dict(declared), **changed})
+        flow = Flow(self)
+        flow.options = MappingProxyType({**self.options, name: {**chosen.options, **changed}})
+        return flow
 
     @_takes_run_arguments(_run_arguments)
     def run(self, run: _Run) -> PipelineResult:
@@ -239,7 +309,7 @@ class Flow:
         agents = [instantiate(agent) for agent in self.agents]
         check_agents(agents)
         manager = BatchingScopeManager()
-        manager.detect_scopes(agents)
+        manager.detect_scopes(agents, self.options)
         check_shared_tables((scope.trigger_name, _state_of(scope)) for scope in manager.scopes)
         return self._run(agents, manager, run)
 
@@ -318,6 +388,47 @@ class FlowStream(Iterator[StreamResult]):
                 raise
 
 
+class _PipelineWithOptions:
+    """``Pipeline.with_options``: :meth:`Flow.with_options` on the pipeline's flow.
+
+    On the class it returns a subclass (same name) whose flow has the options; on an instance,
+    an instance of that subclass with the same context. Neither the pipeline nor its agents
+    are changed.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> import arrowflow as af
+        >>> @af.intelligent_streaming(stream_size=100, over="rows")
+        ... class Tag(af.Agent):
+        ...     def call(self, context):
+        ...         return None
+        >>> class Tagging(af.Pipeline):
+        ...     flow = Tag
+        >>> small = Tagging(rows=pa.table({"n": range(5)})).with_options(stream_size=2)
+        >>> small.run().stats[0]["total_batches"], Tagging.with_options(stream_size=4).__name__
+        (3, 'Tagging')
+    """
+
+    def __get__(self, instance: Pipeline | None, owner: type[Pipeline]) -> Callable[..., Any]:
+        def with_options(
+            *,
+            stream_size: int | None = None,
+            max_concurrency: int | None = None,
+            state: StateStore | None = None,
+            scope: str | None = None,
+        ) -> Any:
+            flow = owner._flow().with_options(
+                stream_size=stream_size, max_concurrency=max_concurrency, state=state, scope=scope
+            )
+            namespace = {"flow": flow, "__module__": owner.__module__, "__doc__": owner.__doc__}
+            derived = type(owner.__name__, (owner,), namespace)
+            derived.__qualname__ = owner.__qualname__
+            return derived if instance is None else derived(instance.context)
+
+        with_options.__doc__ = type(self).__doc__
+        return with_options
+
+
 class Pipeline:
     """A named flow with its initial context.
 
@@ -372,12 +483,13 @@ class Pipeline:
     def _updated(self, run: _Run) -> _Run:
         return dataclasses.replace(run, context={**self.context, **run.context})
 
+    with_options = _PipelineWithOptions()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._flow()!r})"
 
 
 def _state_of(scope: BatchingScope) -> Any:
-    """The ``state=`` store of a scope's streaming declaration, if any."""
-    trigger = scope.trigger_agent
-    config = None if trigger is None else agent_class(trigger)._streaming
+    """The ``state=`` store a scope runs with, if any."""
+    config = scope.streaming_config()
     return None if config is None else config.state

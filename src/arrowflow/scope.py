@@ -50,6 +50,9 @@ class BatchingScope:
         ending_agent: the ``ends_batching`` agent closing it, if any (not part of the scope).
         chunk_size: the stream size; wins over the trigger's ``stream_size`` when given.
         array_field: the streamed field; wins over the trigger's ``over`` when given.
+        options: options of ``intelligent_streaming`` replacing the trigger's declared ones
+            for this scope only (what ``Flow.with_options`` sets, already validated); the
+            agent's class is left as declared.
     """
 
     def __init__(
@@ -58,11 +61,13 @@ class BatchingScope:
         ending_agent: AgentLike | None = None,
         chunk_size: int | None = None,
         array_field: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         self.trigger_agent = trigger_agent
         self.ending_agent = ending_agent
         self._chunk_size = chunk_size
         self._array_field = array_field
+        self.options: Mapping[str, Any] = options or {}
         self.agents: list[AgentLike] = [] if trigger_agent is None else [trigger_agent]
 
     @property
@@ -70,18 +75,22 @@ class BatchingScope:
         """The trigger agent's name, used in every message about this scope."""
         return "None" if self.trigger_agent is None else self.trigger_agent.name
 
-    def _streaming(self) -> StreamingConfig | None:
+    def streaming_config(self) -> StreamingConfig | None:
+        """The trigger's declaration with this scope's ``options`` laid over it."""
         trigger = self.trigger_agent
         if not _is_agent(trigger):
             return None
-        return agent_class(trigger)._streaming  # type: ignore[arg-type]
+        config: StreamingConfig | None = agent_class(trigger)._streaming  # type: ignore[arg-type]
+        if config is None or not self.options:
+            return config
+        return config.model_copy(update=self.options)
 
     @property
     def chunk_size(self) -> int | None:
         """Rows per stream: the constructor's value, else the trigger's ``stream_size``."""
         if self._chunk_size is not None:
             return self._chunk_size
-        config = self._streaming()
+        config = self.streaming_config()
         return None if config is None else config.stream_size
 
     @property
@@ -89,7 +98,7 @@ class BatchingScope:
         """The streamed field if fixed: the constructor's value, else the trigger's ``over``."""
         if self._array_field is not None:
             return self._array_field
-        config = self._streaming()
+        config = self.streaming_config()
         return None if config is None else config.over
 
     def add_agent(self, agent: AgentLike) -> None:
@@ -180,8 +189,18 @@ class BatchingScopeManager:
     def __init__(self) -> None:
         self.scopes: list[BatchingScope] = []
 
-    def detect_scopes(self, flow: Flow | Iterable[AgentLike]) -> list[BatchingScope]:
-        """The flow's scopes in order; ``ConfigurationError`` for a nested or unpaired one."""
+    def detect_scopes(
+        self,
+        flow: Flow | Iterable[AgentLike],
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> list[BatchingScope]:
+        """The flow's scopes in order; ``ConfigurationError`` for a nested or unpaired one.
+
+        ``options`` maps a trigger's name to the options its scope runs with
+        (``Flow.with_options``); a flow's own overrides are used when not given.
+        """
+        if options is None:
+            options = getattr(flow, "options", None) or {}
         scopes: list[BatchingScope] = []
         current: BatchingScope | None = None
         for agent in flow:
@@ -194,7 +213,7 @@ class BatchingScopeManager:
                         f"'{current.trigger_name}'. Put an @af.ends_batching agent before "
                         f"'{agent.name}'."
                     )
-                current = BatchingScope(agent)
+                current = BatchingScope(agent, options=options.get(agent.name))
                 scopes.append(current)
             elif cls.is_batching_terminator():
                 if current is None:
