@@ -322,6 +322,7 @@ class Flow:
         starts = {id(scope.trigger_agent): scope for scope in scopes}
         skip = {id(agent) for agent in manager.agents_to_skip()}
         stats: list[dict[str, Any]] = []
+        scope_names: list[str] = []
         first = True
         for agent in agents:
             scope = starts.get(id(agent))
@@ -333,6 +334,7 @@ class Flow:
                 context = (yield from batches) if first else drain(batches)
                 first = False
                 stats.append(executor.execution_stats)
+                scope_names.append(scope.trigger_name)
             elif id(agent) not in skip:
                 try:
                     fields = invoke_agent(agent, context)
@@ -341,7 +343,7 @@ class Flow:
                     exc.add_note(f"raised by agent '{agent.name}'")
                     raise
                 context = {**context, **fields}
-        return PipelineResult(context, stats)
+        return PipelineResult(context, stats, scope_names)
 
 
 class FlowStream(Iterator[StreamResult]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from arrowflow._tabular import is_tabular, to_table
@@ -30,13 +30,20 @@ class PipelineResult(Mapping[str, Any]):
 
     Attributes:
         stats: one ``execution_stats`` mapping per streaming scope, in flow order.
+        scopes: the name of each scope's trigger agent, in the order of ``stats``.
     """
 
-    __slots__ = ("_fields", "stats")
+    __slots__ = ("_fields", "scopes", "stats")
 
-    def __init__(self, fields: Mapping[str, Any], stats: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        fields: Mapping[str, Any],
+        stats: list[dict[str, Any]],
+        scopes: Sequence[str] = (),
+    ) -> None:
         self._fields = dict(fields)
         self.stats = stats
+        self.scopes = tuple(scopes)
 
     def __getitem__(self, key: str) -> Any:
         return self._fields[key]
