@@ -24,8 +24,11 @@ REQUIRED = {
     "intelligent_batching",
     "intelligent_streaming",
     "triggers_batching",
+    "benchmark_stream_sizes",
+    "StreamSizeReport",
 }
-OPTIONAL = ("polars", "ray", "tqdm", "matplotlib", "pandas")
+# Optional libraries, CLI libraries and the CLI itself: `import arrowflow` loads none of them.
+OPTIONAL = ("polars", "ray", "tqdm", "matplotlib", "pandas", "click", "typer", "arrowflow.cli")
 
 
 def test_all_is_sorted_and_unique() -> None:

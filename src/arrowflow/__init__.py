@@ -25,6 +25,7 @@ from arrowflow.agent import (
     intelligent_streaming,
     triggers_batching,
 )
+from arrowflow.bench import StreamSizeReport, benchmark_stream_sizes
 from arrowflow.context import Context
 from arrowflow.exceptions import (
     ArrowflowError,
@@ -59,7 +60,9 @@ __all__ = [
     "PipelineBatchExecutor",
     "PipelineResult",
     "StreamResult",
+    "StreamSizeReport",
     "agent",
+    "benchmark_stream_sizes",
     "ends_batching",
     "in_chunks_of",
     "intelligent_batching",
