@@ -27,6 +27,7 @@ from arrowflow.agent import (
 )
 from arrowflow.bench import StreamSizeReport, benchmark_stream_sizes
 from arrowflow.context import Context
+from arrowflow.display import plot_streams
 from arrowflow.exceptions import (
     ArrowflowError,
     BatchExecutionError,
@@ -67,6 +68,7 @@ __all__ = [
     "in_chunks_of",
     "intelligent_batching",
     "intelligent_streaming",
+    "plot_streams",
     "read_parquet",
     "scan_parquet",
     "triggers_batching",

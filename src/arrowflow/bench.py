@@ -55,7 +55,7 @@ REPORT_SCHEMA = pa.schema(
 _MB = 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StreamSizeReport:
     """What :func:`benchmark_stream_sizes` measured.
 
@@ -88,6 +88,9 @@ class StreamSizeReport:
             for line, size in zip(lines, sizes, strict=True)
         )
 
+    def __repr__(self) -> str:
+        return f"StreamSizeReport(best={self.best}, rows={self.rows})\n{self}"
+
     def _repr_html_(self) -> str:
         header = "".join(f"<th>{html.escape(field.name)}</th>" for field in REPORT_SCHEMA)
         body = []
@@ -104,6 +107,7 @@ class StreamSizeReport:
     def plot(self, ax: Any = None) -> Any:
         """Throughput (left axis) and peak Arrow memory (right axis) against stream size, on
         a log x axis; needs matplotlib (the ``plot`` extra). Returns the throughput axes."""
+        ticker = import_optional("matplotlib.ticker", extra="plot")
         if ax is None:
             pyplot = import_optional("matplotlib.pyplot", extra="plot")
             _, ax = pyplot.subplots(figsize=(7, 4))
@@ -112,6 +116,7 @@ class StreamSizeReport:
         ax.set_xscale("log")
         ax.set_xlabel("stream size (rows)")
         ax.set_ylabel("rows per second")
+        ax.yaxis.set_major_formatter(ticker.EngFormatter())  # 17.5M rather than 1.75 x 1e7
         ax.axvline(self.best, linestyle=":", color="grey")
         memory = ax.twinx()
         memory.plot(

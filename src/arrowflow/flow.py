@@ -19,6 +19,7 @@ from arrowflow._invoke import check_agents, instantiate, invoke_agent
 from arrowflow._retry import is_interrupt
 from arrowflow._store import check_shared_tables
 from arrowflow.agent import Agent, AgentLike
+from arrowflow.display import flow_html, flow_text
 from arrowflow.exceptions import ConfigurationError
 from arrowflow.executor import PipelineBatchExecutor, drain
 from arrowflow.io import as_sink
@@ -191,7 +192,10 @@ class Flow:
         return hash(self.agents)
 
     def __repr__(self) -> str:
-        return f"Flow({' >> '.join(agent.name for agent in self.agents)})"
+        return flow_text(self)
+
+    def _repr_html_(self) -> str:
+        return flow_html(self)
 
     def scopes(self) -> list[BatchingScope]:
         """The flow's streaming scopes; ``ConfigurationError`` if they nest or do not pair."""
@@ -489,6 +493,9 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._flow()!r})"
+
+    def _repr_html_(self) -> str:
+        return flow_html(self._flow(), title=type(self).__name__, context=self.context)
 
 
 def _state_of(scope: BatchingScope) -> Any:

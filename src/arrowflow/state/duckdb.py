@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from arrowflow._row_counts import known_column, known_num_rows, reads_column
 from arrowflow._tabular import decoded, value_type
+from arrowflow.display import properties_html
 from arrowflow.exceptions import ConfigurationError, ExecutionError
 from arrowflow.state._callables import StoreCallables, array_field, ended
 from arrowflow.state._keys import KeyOrder, check_keys, key_column
@@ -268,7 +269,24 @@ class DuckDBState(StoreCallables):
         self._ended: set[str | None] = set()
 
     def __repr__(self) -> str:
-        return f"DuckDBState(path={self.path!r}, table={self.table!r}, key={self.key!r})"
+        return (
+            f"DuckDBState(path={self.path!r}, table={self.table!r}, key={self.key!r}, "
+            f"version={self.version!r}, lifecycle={self.lifecycle!r})"
+        )
+
+    def _repr_html_(self) -> str:
+        # Configuration only: showing a store never opens its database.
+        return properties_html(
+            "DuckDBState",
+            {
+                "path": self.path,
+                "table": self.table,
+                "key": self.key,
+                "version": self.version,
+                "lifecycle": self.lifecycle,
+                "commit_interval": f"{self.commit_interval:g} s",
+            },
+        )
 
     @property
     def fingerprint(self) -> str | None:
