@@ -44,7 +44,7 @@ $(DEV_STAMP): pyproject.toml | $(PY)
 	touch $(CORE_STAMP) $@
 
 demo: $(CORE_STAMP)
-	$(PY) -m arrowflow.demo
+	$(PY) -m arrowflow demo
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest

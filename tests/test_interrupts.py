@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -30,6 +30,9 @@ import pytest
 import arrowflow as af
 from arrowflow.executor import INTERRUPT_GRACE
 from arrowflow.state import DuckDBState
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery is POSIX")
 
@@ -149,6 +152,21 @@ class Case:
         assert done.returncode == 0, done.stderr
 
 
+def _sigint_by_default() -> None:
+    """In the child, before it starts: SIGINT as a terminal sends it. A test run started as a
+    background job ignores SIGINT, and a child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process during the test, as it does in a
+    terminal (a test run started as a background job ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt(case: Case, mode: str) -> tuple[subprocess.CompletedProcess[str], float]:
     """Start the pipeline, wait until it blocks, send SIGINT; the process and its exit delay."""
     process = subprocess.Popen(
@@ -156,6 +174,7 @@ def interrupt(case: Case, mode: str) -> tuple[subprocess.CompletedProcess[str], 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_by_default,
     )
     # In stuck mode, the streams started with the stuck one complete first, so some are kept.
     awaited = {"blocked"} | (
@@ -266,6 +285,7 @@ def test_ctrl_c_stops_the_run_and_a_rerun_resumes(
 # ---------------------------------------------------------------- in process, real SIGINT
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_abandoned_streams_never_reopen_the_store(tmp_path: Path) -> None:
     """A stream stuck when Ctrl-C comes is abandoned: when it lets go, it is not retried and
     never reopens the state file."""
@@ -306,6 +326,7 @@ def test_abandoned_streams_never_reopen_the_store(tmp_path: Path) -> None:
     assert store.runs()["status"].to_pylist() == ["interrupted"]
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_cancels_running_coroutines(make_companies) -> None:
     cancelled, started = threading.Event(), threading.Event()
 

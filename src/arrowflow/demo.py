@@ -39,7 +39,9 @@ __all__ = [
     "QuickFitAnalyzer",
     "Scoring",
     "main",
+    "missing_input",
     "pipeline_for",
+    "run_demo",
 ]
 
 DEFAULT_INPUT = Path("data/companies.parquet")
@@ -162,6 +164,53 @@ def pipeline_for(
     return ConfiguredProspectPipeline
 
 
+def run_demo(
+    input_path: Path = DEFAULT_INPUT,
+    output: Path = DEFAULT_OUTPUT,
+    state_path: Path = DEFAULT_STATE,
+    *,
+    stream_size: int = STREAM_SIZE,
+    fresh: bool = False,
+) -> None:
+    """Run the prospect pipeline over ``input_path``, print a summary, write the prospects.
+
+    The state file remembers the companies analysed, so a rerun loads them; ``fresh`` removes
+    it and the previous output first.
+
+    Raises:
+        ArrowflowError: the pipeline could not run (the message says why).
+    """
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        # DuckDB's journal goes too: replayed into a new database, it would bring back the old.
+        for stale in (state_path, state_path.with_name(state_path.name + ".wal"), output):
+            stale.unlink(missing_ok=True)
+    state = af.DuckDBState(state_path, table="quick_fit", key="id")
+    started = time.perf_counter()
+    result = pipeline_for(stream_size, state)(input_path=str(input_path)).run()
+    seconds = time.perf_counter() - started
+    prospects: pa.Table = result["companies"]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(prospects, output)
+
+    stats = result.stats[0]
+    streams: pa.Table = stats["streams"]
+    failed = f" ({stats['failed_batches']} failed)" if stats["failed_batches"] else ""
+    print(
+        f"\n{stats['total_batches']} streams of {stream_size:,} rows{failed}: "
+        f"{stats['total_items']:,} companies in, {prospects.num_rows:,} prospects out "
+        f"in {seconds:.3f}s ({pc.sum(streams['seconds']).as_py() or 0.0:.3f}s inside streams)"
+    )
+    if stats["skipped_items"]:
+        print(
+            f"{stats['skipped_items']:,} companies were already analysed: their results came "
+            f"from {state_path} (--fresh to start over)"
+        )
+    for row in prospects.select(["name", "industry", "country", "score"]).slice(0, 5).to_pylist():
+        print(f"  {row['score']:5.1f}  {row['name']} ({row['industry']}, {row['country']})")
+    print(f"wrote {output} and {state_path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the prospect pipeline, print a summary and write the prospects as Parquet.
 
@@ -184,46 +233,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="DuckDB file remembering the companies already analysed (%(default)s)",
     )
     parser.add_argument(
-        "--fresh", action="store_true", help="forget the stored state and analyse everything"
+        "--fresh",
+        action="store_true",
+        help="forget the stored state and the previous output, and analyse everything",
     )
     args = parser.parse_args(argv)
     if not args.input.is_file():
-        parser.error(f"no such file: {args.input} (make one with: python data/generate.py)")
+        parser.error(missing_input(args.input))
     if args.stream_size < 1:
         parser.error(f"--stream-size must be a positive integer, got {args.stream_size}")
-
-    args.state.parent.mkdir(parents=True, exist_ok=True)
-    if args.fresh:
-        args.state.unlink(missing_ok=True)
-    state = af.DuckDBState(args.state, table="quick_fit", key="id")
-    started = time.perf_counter()
     try:
-        result = pipeline_for(args.stream_size, state)(input_path=str(args.input)).run()
+        run_demo(
+            args.input, args.output, args.state, stream_size=args.stream_size, fresh=args.fresh
+        )
     except af.ArrowflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    seconds = time.perf_counter() - started
-    prospects: pa.Table = result["companies"]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(prospects, args.output)
-
-    stats = result.stats[0]
-    streams: pa.Table = stats["streams"]
-    failed = f" ({stats['failed_batches']} failed)" if stats["failed_batches"] else ""
-    print(
-        f"\n{stats['total_batches']} streams of {args.stream_size:,} rows{failed}: "
-        f"{stats['total_items']:,} companies in, {prospects.num_rows:,} prospects out "
-        f"in {seconds:.3f}s ({pc.sum(streams['seconds']).as_py() or 0.0:.3f}s inside streams)"
-    )
-    if stats["skipped_items"]:
-        print(
-            f"{stats['skipped_items']:,} companies were already analysed: their results came "
-            f"from {args.state} (--fresh to start over)"
-        )
-    for row in prospects.select(["name", "industry", "country", "score"]).slice(0, 5).to_pylist():
-        print(f"  {row['score']:5.1f}  {row['name']} ({row['industry']}, {row['country']})")
-    print(f"wrote {args.output} and {args.state}")
     return 0
+
+
+def missing_input(path: Path) -> str:
+    """The message for a company register that is not there, saying how to make one."""
+    return f"no such file: {path} (make one with: python data/generate.py)"
 
 
 if __name__ == "__main__":
