@@ -102,8 +102,8 @@ def arrowflow(
     cwd: Path, *args: str, script: bool = False, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the command in ``cwd``; ``script`` runs the installed console script."""
-    if script and not SCRIPT.exists():
-        pytest.skip(f"the console script is not installed at {SCRIPT} (pip install -e .)")
+    if script:
+        assert SCRIPT.exists(), f"the console script is not installed at {SCRIPT}"
     command = [str(SCRIPT)] if script else [sys.executable, "-m", "arrowflow"]
     return subprocess.run(
         [*command, *args],
@@ -186,6 +186,15 @@ def test_run_writes_the_field_and_prints_a_line_per_scope(project: Path, target:
     assert pq.read_table(project / "out.parquet").equals(expected_output())
     assert "Double: 3 streams, 10 rows in, 10 out, 0 skipped, 0 loaded, " in completed.stdout
     assert completed.stderr == ""
+
+
+def test_the_output_may_be_a_duckdb_table(project: Path) -> None:
+    completed = arrowflow(
+        project, "run", "pipe:Doubling", "--input", "in.parquet", "--output", "out.duckdb::doubled"
+    )
+    assert completed.returncode == 0, completed.stderr
+    with duckdb.connect(str(project / "out.duckdb"), read_only=True) as con:
+        assert pa.table(con.sql("select * from doubled")).equals(expected_output())
 
 
 def test_a_file_path_is_imported_from_any_directory(project: Path) -> None:
@@ -298,7 +307,7 @@ def test_usage_errors_exit_2_with_one_line(project: Path) -> None:
     [
         (["run", "missing.py:Double", "--input", "in.parquet"], "no such file: missing.py"),
         (["run", "pipe:helper", "--input", "in.parquet"], "not a Pipeline subclass"),
-        (["run", "pipe:Double", "--input", "pipe.py"], "--input pipe.py: cannot read Parquet"),
+        (["run", "pipe:Double", "--input", "pipe.py"], "--input pipe.py: cannot scan Parquet"),
         (["run", "pipe:Double", "--input", "in.parquet", "--engine", "warp"], "invalid choice"),
         (["run", "pipe:Double", "--input", "in.parquet", "--key", "id"], "give --state"),
         (["run", "pipe:Double"], "required: --input"),

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -752,3 +753,162 @@ def test_a_sink_without_abort_is_refused_before_any_agent_runs(make_companies) -
     with pytest.raises(af.ConfigurationError, match="OldSink lacks abort"):
         af.Flow(Work).run(companies=make_companies(15), sink=OldSink())
     assert calls == []
+
+
+# --------------------------------------------------------------------------- filters, filesystems
+
+
+def test_filter_must_be_an_expression(tmp_path, make_companies) -> None:
+    pq.write_table(make_companies(5), tmp_path / "in.parquet")
+    for read in (af.scan_parquet, af.read_parquet):
+        with pytest.raises(af.ConfigurationError, match=r"pc\.field"):
+            read(tmp_path / "in.parquet", filter=[("id", ">", 2)])
+
+
+def test_a_filter_on_a_missing_column_is_an_execution_error(tmp_path, make_companies) -> None:
+    pq.write_table(make_companies(5), tmp_path / "in.parquet")
+    with pytest.raises(af.ExecutionError, match=r"in\.parquet"):
+        af.scan_parquet(tmp_path / "in.parquet", filter=pc.field("nowhere") > 1).read_all()
+
+
+@pytest.mark.parametrize(
+    ("path", "options", "message"),
+    [
+        pytest.param("s3://bucket/in.parquet", "local", "URI and filesystem=", id="uri and fs"),
+        pytest.param("in.parquet", "fsspec", "FSSpecHandler", id="not a pyarrow filesystem"),
+        pytest.param("nosuch://bucket/in.parquet", None, "URI, or filesystem=", id="scheme"),
+    ],
+)
+def test_a_place_that_cannot_be_opened_is_a_configuration_error(
+    path: str, options: str | None, message: str
+) -> None:
+    filesystem = {"local": pafs.LocalFileSystem(), "fsspec": object(), None: None}[options]
+    for open_ in (af.scan_parquet, af.read_parquet, af.ParquetSink):
+        with pytest.raises(af.ConfigurationError, match=message):
+            open_(path, filesystem=filesystem)
+
+
+def test_a_file_with_other_columns_is_named_when_the_scan_reaches_it(
+    tmp_path, make_companies
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(make_companies(5), folder / "a.parquet")
+    pq.write_table(make_companies(5).drop_columns(["name"]), folder / "b.parquet")
+    reader = af.scan_parquet(folder, batch_size=5)
+    assert reader.read_next_batch().num_rows == 5
+    with pytest.raises(af.ExecutionError, match=r"b\.parquet.*first file's schema"):
+        reader.read_next_batch()
+    # The columns selected are what must match.
+    assert af.scan_parquet(folder, columns=["id"]).read_all().num_rows == 10
+
+
+# --------------------------------------------------------------------------- partitioned sink
+
+
+def _scan_sorted(path: Path, schema: pa.Schema) -> pa.Table:
+    return af.scan_parquet(path).read_all().select(schema.names).sort_by("id")
+
+
+def test_partition_values_are_escaped_and_nulls_kept(tmp_path) -> None:
+    table = pa.table(
+        {
+            "id": pa.array(range(6), pa.int64()),
+            "region": pa.array(["a/b", "c d", None, "a/b", "é", None]).dictionary_encode(),
+        }
+    )
+    sink = af.ParquetSink(tmp_path / "out", partition_by="region")
+    sink.write(table.slice(0, 4))
+    sink.write(table.slice(4))
+    sink.close()
+    directories = sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir())
+    assert directories == [
+        "region=%C3%A9",
+        "region=__HIVE_DEFAULT_PARTITION__",
+        "region=a%2Fb",
+        "region=c%20d",
+    ]
+    assert sink.read_back(table.schema).read_all().sort_by("id").equals(table)
+    scanned = _scan_sorted(tmp_path / "out", table.schema)
+    assert scanned["region"].to_pylist() == table["region"].to_pylist()
+
+
+def test_a_partition_goes_on_in_a_new_file_past_the_open_file_limit(
+    tmp_path, make_companies, monkeypatch
+) -> None:
+    import arrowflow._datasets
+
+    monkeypatch.setattr(arrowflow._datasets, "MAX_OPEN_FILES", 2)
+    table = make_companies(30).append_column("group", pa.array([i % 3 for i in range(30)]))
+    sink = af.ParquetSink(tmp_path / "out", partition_by=["group"])
+    for offset in range(0, 30, 6):
+        sink.write(table.slice(offset, 6))
+    sink.close()
+    files = sorted((tmp_path / "out").rglob("*.parquet"))
+    assert len(files) > 3  # three partitions, two files open at most
+    for file in files:
+        ids = pq.read_table(file)["id"].to_pylist()
+        assert ids == sorted(ids)
+    scanned = _scan_sorted(tmp_path / "out", table.schema)
+    assert scanned.equals(table.cast(scanned.schema))
+
+
+def test_a_dataset_sink_with_nothing_written(tmp_path, make_companies) -> None:
+    schema = make_companies(0).schema
+    partitioned = af.ParquetSink(tmp_path / "partitioned", partition_by=["name"])
+    assert partitioned.read_back(schema).read_all().num_rows == 0
+    partitioned.close()
+    assert sorted(p.name for p in (tmp_path / "partitioned").iterdir()) == ["_SUCCESS"]
+
+    split = af.ParquetSink(tmp_path / "split", max_rows_per_file=10)
+    split.close()
+    assert split.read_back(schema).read_all().num_rows == 0
+    assert pq.read_schema(tmp_path / "split" / "part-00000.parquet") == schema
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"partition_by": ["nowhere"]}, af.ExecutionError, "'nowhere': no such column"),
+        ({"partition_by": ["id", "name", "employees"]}, af.ExecutionError, "every column"),
+        ({"max_rows_per_file": 0}, af.ConfigurationError, "positive number"),
+        ({"max_rows_per_file": 2.5}, af.ConfigurationError, "positive number"),
+    ],
+)
+def test_bad_dataset_options(tmp_path, make_companies, options, error, message) -> None:
+    with pytest.raises(error, match=message):
+        af.Flow(_identity_scope()).run(
+            companies=make_companies(10), sink=af.ParquetSink(tmp_path / "out", **options)
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def _identity_scope() -> type[af.Agent]:
+    @af.intelligent_streaming(5, over="companies")
+    class Identity(af.Agent):
+        def call(self, context: Any) -> None:
+            return None
+
+    return Identity
+
+
+def test_a_partitioned_sink_writes_in_bounded_memory(tmp_path) -> None:
+    """Streams go to their files as they come: what the sink holds does not grow with them."""
+    stream_rows = 20_000
+    stream = pa.table(
+        {
+            "x": pa.array(range(stream_rows), pa.float64()),
+            "part": pa.array([i % 4 for i in range(stream_rows)], pa.int64()),
+        }
+    )
+    stream_bytes = stream.nbytes
+    sink = af.ParquetSink(tmp_path / "out", partition_by=["part"], compression="none")
+    start = pa.total_allocated_bytes()
+    held = []
+    for number in range(40):
+        sink.write(stream)
+        if number in (4, 39):
+            held.append(pa.total_allocated_bytes() - start)
+    sink.close()
+    assert held[1] - held[0] <= 2 * stream_bytes, [h / stream_bytes for h in held]
+    assert sink.read_back(stream.schema).read_all().num_rows == 40 * stream_rows

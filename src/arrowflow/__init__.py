@@ -28,6 +28,7 @@ from arrowflow.agent import (
 from arrowflow.bench import StreamSizeReport, benchmark_stream_sizes
 from arrowflow.context import Context
 from arrowflow.display import plot_streams
+from arrowflow.duckdb_sink import DuckDBSink
 from arrowflow.exceptions import (
     ArrowflowError,
     BatchExecutionError,
@@ -36,6 +37,7 @@ from arrowflow.exceptions import (
 )
 from arrowflow.executor import PipelineBatchExecutor
 from arrowflow.flow import Flow, FlowStream, Pipeline
+from arrowflow.interop import polars_agent, sql_agent
 from arrowflow.io import ParquetSink, read_parquet, scan_parquet
 from arrowflow.results import PipelineResult, StreamResult
 from arrowflow.scope import BatchingScope, BatchingScopeManager
@@ -51,6 +53,7 @@ __all__ = [
     "BatchingScopeManager",
     "ConfigurationError",
     "Context",
+    "DuckDBSink",
     "DuckDBState",
     "ExecutionError",
     "Flow",
@@ -69,7 +72,9 @@ __all__ = [
     "intelligent_batching",
     "intelligent_streaming",
     "plot_streams",
+    "polars_agent",
     "read_parquet",
     "scan_parquet",
+    "sql_agent",
     "triggers_batching",
 ]

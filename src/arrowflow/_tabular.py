@@ -5,10 +5,14 @@ Rules:
 - ``pa.Table`` is used as it is; ``pa.RecordBatch`` is wrapped (no copy); view types aside
   (below).
 - ``pa.RecordBatchReader`` stays a reader: the executor pulls its batches lazily.
+- Lazy inputs stay lazy (below): a DuckDB relation, a polars ``LazyFrame`` and a
+  ``pyarrow.dataset.Dataset`` become a ``RecordBatchReader`` read batch by batch as streams are
+  cut, never collected whole first; where a table is wanted whole (:func:`to_table`), each is
+  converted by its library's own fastest way to a table.
 - Objects exporting ``__arrow_c_stream__``: in-memory data frames (polars, pandas) are
   converted to a ``pa.Table`` (zero-copy where their buffers allow) so the number of rows, and
-  therefore of streams, is known up front; any other exporter (a DuckDB relation, a dataset
-  scanner…) is read lazily as a ``RecordBatchReader``, since computing its length may run it.
+  therefore of streams, is known up front; any other exporter is read lazily as a
+  ``RecordBatchReader``, since computing its length may run it.
 - Objects exporting only ``__arrow_c_array__`` become a one-batch table.
 - A list of dicts is tabular only where the caller says so (the field named by ``over=``); an
   empty list is a table with no rows and no columns.
@@ -38,21 +42,55 @@ String and binary views go through Arrow's cast. List views do not: Arrow's cast
 view to a list (pyarrow 26 at least) builds an offsets buffer one entry short, an invalid
 array, so their values are gathered with ``list_flatten`` and the offsets rebuilt from the
 lengths.
+
+Lazy inputs, recognised by their type in the modules already imported (checking never imports
+polars, DuckDB or ``pyarrow.dataset``), are read in batches of the scope's stream size, kept
+between 8,192 and 65,536 rows: the stream cutter then holds one stream and one batch, and the
+library its own few batches (measured with DuckDB: three to four batches' worth, whatever the
+size of the input; batches of a whole large stream would make that four streams):
+
+- A DuckDB relation: ``relation.to_arrow_reader(batch_size)``, DuckDB's streaming reader
+  (DuckDB 2.0). ``__arrow_c_stream__`` streams too in DuckDB 2.0, but takes no batch size and
+  collected the whole result in DuckDB 1.5 (duckdb-python#342). The query starts when the
+  scope starts and its connection stays busy until the last stream is cut: another query on
+  that connection meanwhile raises DuckDB's ``ResourceInUseException``, so agents that query
+  DuckDB use a cursor (``con.cursor()``) or another connection. Its rows are not counted (that
+  would run the query twice): ``total`` is known at the last stream.
+- A polars ``LazyFrame``: ``collect_batches(chunk_size=..., engine="streaming")``, started when
+  the first stream is cut, on polars' streaming engine named
+  explicitly (polars 1.39 ran ``"auto"`` on the in-memory engine, which collects the whole
+  frame before the first batch: pola-rs/polars#26930). Rows are not counted. polars' Parquet
+  scan decodes row groups ahead of what is pulled from it (about 150 MB on two threads, growing
+  slowly with the input: pola-rs/polars#28569), memory of polars' own. polars before 1.34 has no
+  way to pull a lazy frame's rows batch by batch (slicing it, ``lf.slice(offset, n).collect()``
+  per batch, re-reads every file of a multi-file scan per batch: 16,000,000 rows in
+  100,000-row slices took 156 s and 1.1 GB at peak on polars 1.3), hence the ``polars>=1.34``
+  of the ``polars`` extra.
+- A ``pyarrow.dataset.Dataset``: its scanner's reader, reading one batch and one file ahead
+  (Arrow's defaults read 16 batches of 4 files ahead), without pre-buffering for Parquet files
+  on the local disk when the dataset keeps Arrow's default Parquet options (as
+  :func:`~arrowflow.scan_parquet` reads them); order is kept. Its row count is announced when
+  metadata gives it for free: an in-memory dataset, or Parquet files without a filter (their
+  footers, as ``scan_parquet``); and then the key column a state store asks for is read alone.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeGuard
+import sys
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from arrowflow._row_counts import carry_num_rows
+from arrowflow._row_counts import carry_num_rows, reader_with_num_rows
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 __all__ = [
+    "MAX_BATCH_ROWS",
+    "MIN_BATCH_ROWS",
     "decoded",
     "describe",
     "is_tabular",
@@ -76,7 +114,7 @@ def is_tabular(value: Any, *, allow_records: bool = False) -> bool:
         return False
     if hasattr(value, "__arrow_c_stream__") or hasattr(value, "__arrow_c_array__"):
         return True
-    return allow_records and _is_records(value)
+    return _lazy_source(value) is not None or (allow_records and _is_records(value))
 
 
 def _is_records(value: Any) -> TypeGuard[list[dict[str, Any]]]:
@@ -89,14 +127,27 @@ def _is_in_memory_frame(value: Any) -> bool:
     return module in _IN_MEMORY_FRAME_MODULES
 
 
-def to_table_or_reader(value: Any) -> pa.Table | pa.RecordBatchReader:
-    """Convert a tabular value, keeping lazy sources lazy (see the module docstring)."""
+def to_table_or_reader(
+    value: Any, batch_size: int | None = None
+) -> pa.Table | pa.RecordBatchReader:
+    """Convert a tabular value, keeping lazy sources lazy (see the module docstring).
+
+    ``batch_size`` is the number of rows a lazy input is asked for at a time (a scope gives its
+    stream size), kept between :data:`MIN_BATCH_ROWS` and :data:`MAX_BATCH_ROWS`.
+    """
     if isinstance(value, pa.Table):
         return without_views(value)
     if isinstance(value, pa.RecordBatchReader):
         return _reader_without_views(value)
     if isinstance(value, pa.RecordBatch):
         return without_views(pa.Table.from_batches([value]))
+    lazy = _lazy_source(value)
+    if lazy is not None:
+        rows = min(max(batch_size or MAX_BATCH_ROWS, MIN_BATCH_ROWS), MAX_BATCH_ROWS)
+        converted = lazy.reader(value, rows)
+        if isinstance(converted, pa.Table):
+            return without_views(converted)
+        return _reader_without_views(converted)
     if hasattr(value, "__arrow_c_stream__"):
         if _is_in_memory_frame(value):
             return without_views(pa.table(value))
@@ -111,6 +162,9 @@ def to_table_or_reader(value: Any) -> pa.Table | pa.RecordBatchReader:
 
 def to_table(value: Any) -> pa.Table:
     """Convert a tabular value to a ``pa.Table``, reading a lazy source to its end."""
+    lazy = _lazy_source(value)
+    if lazy is not None:
+        return without_views(lazy.whole(value))
     converted = to_table_or_reader(value)
     if isinstance(converted, pa.RecordBatchReader):
         return converted.read_all()
@@ -122,6 +176,145 @@ def describe(value: Any) -> str:
     kind = type(value)
     module = kind.__module__
     return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+# -- lazy inputs -----------------------------------------------------------------------------
+
+#: The fewest rows a lazy input is asked for at a time: smaller batches cost DuckDB and polars
+#: more per row than they save in memory.
+MIN_BATCH_ROWS = 8_192
+#: The most: what a lazy input's library holds beside the batch it hands out grows with the
+#: batch (DuckDB holds about four), not with the stream, which is cut from several batches.
+MAX_BATCH_ROWS = 65_536
+
+
+class _LazySource(NamedTuple):
+    """A library's lazy type (found as ``module.name``), read in batches or whole."""
+
+    module: str
+    name: str
+    reader: Callable[[Any, int], pa.RecordBatchReader | pa.Table]
+    whole: Callable[[Any], pa.Table]
+
+
+def _lazy_source(value: Any) -> _LazySource | None:
+    # A type whose module is not imported has no instance: checking imports nothing.
+    for source in _LAZY_SOURCES:
+        kind = getattr(sys.modules.get(source.module), source.name, None)
+        if isinstance(kind, type) and isinstance(value, kind):
+            return source
+    return None
+
+
+def _relation_reader(relation: Any, batch_size: int) -> pa.RecordBatchReader:
+    reader: pa.RecordBatchReader = relation.to_arrow_reader(batch_size)
+    return reader
+
+
+def _relation_table(relation: Any) -> pa.Table:
+    table: pa.Table = relation.to_arrow_table()
+    return table
+
+
+def _lazy_frame_reader(frame: Any, batch_size: int) -> pa.RecordBatchReader:
+    polars = sys.modules["polars"]
+    # From the schema alone: ``clear()`` is ``limit(0)`` in newer polars, which runs the plan.
+    schema = polars.DataFrame(schema=frame.collect_schema()).to_arrow().schema
+    return pa.RecordBatchReader.from_batches(schema, _lazy_frame_batches(frame, schema, batch_size))
+
+
+def _lazy_frame_batches(frame: Any, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
+    # Started on the first pull, not when the scope starts: a run that fails before its first
+    # stream leaves no query running.
+    frames = frame.collect_batches(chunk_size=batch_size, engine="streaming")
+    try:
+        for chunk in frames:
+            for batch in chunk.to_arrow().to_batches():
+                yield _conformed(batch, schema)
+    finally:
+        # Where the query runs on a thread of polars' Python code, it runs on unless stopped;
+        # later polars, whose batches have no ``stop``, stops it when they are dropped.
+        stop = getattr(frames, "stop", None)
+        if stop is not None:
+            stop()
+
+
+def _lazy_frame_table(frame: Any) -> pa.Table:
+    table: pa.Table = frame.collect().to_arrow()
+    return table
+
+
+def _conformed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with ``schema``'s types and metadata (polars may tag a batch's categorical
+    column otherwise than an empty frame's)."""
+    if batch.schema.equals(schema, check_metadata=True):
+        return batch
+    columns = [
+        column if column.type.equals(field.type) else column.cast(field.type)
+        for column, field in zip(batch.columns, schema, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _dataset_reader(dataset: Any, batch_size: int) -> pa.RecordBatchReader:
+    scanner = dataset.scanner(
+        batch_size=batch_size,
+        batch_readahead=1,
+        fragment_readahead=1,
+        **_fragment_scan_options(dataset),
+    )
+    reader: pa.RecordBatchReader = scanner.to_reader()
+    num_rows = _dataset_num_rows(dataset)
+    if num_rows is None:
+        return reader
+    return reader_with_num_rows(reader.schema, reader, num_rows, partial(_dataset_column, dataset))
+
+
+def _dataset_table(dataset: Any) -> pa.Table:
+    table: pa.Table = dataset.to_table()
+    return table
+
+
+def _fragment_scan_options(dataset: Any) -> dict[str, Any]:
+    import pyarrow.dataset as ds
+    import pyarrow.fs
+
+    file_format = getattr(dataset, "format", None)
+    if (
+        isinstance(file_format, ds.ParquetFileFormat)
+        and isinstance(dataset.filesystem, pyarrow.fs.LocalFileSystem)
+        and file_format.default_fragment_scan_options == ds.ParquetFragmentScanOptions()
+    ):
+        return {"fragment_scan_options": ds.ParquetFragmentScanOptions(pre_buffer=False)}
+    return {}
+
+
+def _dataset_num_rows(dataset: Any) -> int | None:
+    """The dataset's rows when metadata tells them without reading data, else ``None``."""
+    import pyarrow.dataset as ds
+
+    # A filter (``Dataset.filter``) is kept in ``_scan_options``; a filtered dataset counts its
+    # rows by reading them, and so does one whose options cannot be seen.
+    options = getattr(dataset, "_scan_options", None)
+    if not isinstance(options, dict) or options.get("filter") is not None:
+        return None
+    file_format = getattr(dataset, "format", None)
+    if isinstance(dataset, ds.InMemoryDataset) or isinstance(file_format, ds.ParquetFileFormat):
+        num_rows: int = dataset.count_rows()
+        return num_rows
+    return None
+
+
+def _dataset_column(dataset: Any, name: str) -> pa.ChunkedArray:
+    column: pa.ChunkedArray = without_views(dataset.to_table(columns=[name]))[name]
+    return column
+
+
+_LAZY_SOURCES = (
+    _LazySource("duckdb", "DuckDBPyRelation", _relation_reader, _relation_table),
+    _LazySource("polars", "LazyFrame", _lazy_frame_reader, _lazy_frame_table),
+    _LazySource("pyarrow._dataset", "Dataset", _dataset_reader, _dataset_table),
+)
 
 
 # -- view types ------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def _parser() -> _Parser:
 
     run = _verb(verbs, "run", _run, "run a pipeline over a Parquet input")
     _add_target(run)
-    run.add_argument("--output", type=Path, metavar="OUT.parquet", help=_OUTPUT_HELP)
+    run.add_argument("--output", metavar="OUT.parquet", help=_OUTPUT_HELP)
     run.add_argument("--state", type=Path, metavar="STATE.duckdb", help=_STATE_HELP)
     run.add_argument("--key", metavar="COLUMN", help="key column of the input, for --state")
     run.add_argument("--stream-size", type=_positive, metavar="N", help="rows per stream")
@@ -155,7 +155,10 @@ def _parser() -> _Parser:
 
 
 _TRACEBACK_HELP = "print the traceback of an error (also: ARROWFLOW_TRACEBACK=1)"
-_OUTPUT_HELP = "write the streamed field to this Parquet file, stream by stream"
+_OUTPUT_HELP = (
+    "write the streamed field stream by stream: a Parquet file (a path or an s3://, gs://, "
+    "abfs:// URI), or a DuckDB table as FILE.duckdb::TABLE"
+)
 _STATE_HELP = (
     "keep what is done in this DuckDB file, so that a rerun skips it (table: the store the "
     "scope declares, else the trigger agent's name in snake_case)"
@@ -459,7 +462,7 @@ def _saved_streams(scopes: list[BatchingScope]) -> int | None:
     return None if done is None else int(done)
 
 
-def _kept(scopes: list[BatchingScope], done: int, output: Path | None) -> str:
+def _kept(scopes: list[BatchingScope], done: int, output: str | None) -> str:
     """What is left of a run that stopped: the first scope's completed streams, and where."""
     if not scopes:
         return "The flow has no streaming scope: nothing was kept."
@@ -472,7 +475,9 @@ def _kept(scopes: list[BatchingScope], done: int, output: Path | None) -> str:
         kept += " and went to the scope's state store."
     else:
         kept += "; without --state a rerun starts over."
-    partial = None if output is None else output.with_name(output.name + ".partial")
+    # Only a local Parquet output has a partial file to point at.
+    local = output is not None and "::" not in output and "://" not in output
+    partial = Path(f"{output}.partial") if local else None
     if partial is not None and partial.exists():
         kept += f" Rows written so far are in {partial}."
     return kept

@@ -153,7 +153,9 @@ class BatchingScope:
                 "Arrow-exporting data frame or a list of dicts."
             )
         try:
-            return to_table_or_reader(value)
+            # A lazy input (a DuckDB relation, a polars LazyFrame, a dataset) is read in
+            # batches of about one stream.
+            return to_table_or_reader(value, self.chunk_size)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
             raise ExecutionError(
                 f"Agent '{self.trigger_name}': field '{field}' cannot be read as a table: {exc}"

@@ -87,8 +87,8 @@ class Resume:
         n = len(keys)
         if table.holds_nothing(con):  # a first run: nothing to join with
             return cls(n, None, None)
-        position_type = pa.int32() if n < 2**31 else pa.int64()
-        positions = pa.array(np.arange(n, dtype=position_type.to_pandas_dtype()))
+        # Written as numpy dtypes: pyarrow's to_pandas_dtype() imports pandas.
+        positions = pa.array(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64))
         cursor = con.cursor()
         try:
             cursor.register(_INPUT_VIEW, pa.table({"key": keys, "pos": positions}))
