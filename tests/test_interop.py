@@ -425,6 +425,29 @@ def test_a_query_sees_batch_and_its_tables_only(companies: pa.Table, sectors: pa
 
 
 @pytest.mark.parametrize(
+    "sql",
+    [
+        "select * from batch where employees > 50",
+        "from batch where employees > 50",
+        "select * from Batch where employees > 50",
+        'select * from "BATCH" where employees > 50',
+        "select * from temp.batch where employees > 50",
+        "with big as (select * from batch where employees > 50) select * from big",
+        "select * from (select * from batch) b where b.id in (select id from BATCH) and "
+        "employees > 50",
+    ],
+    ids=["plain", "from-first", "capitalised", "quoted", "qualified", "cte", "both-cases"],
+)
+def test_batch_is_found_however_the_query_writes_it(companies: pa.Table, sql: str) -> None:
+    """``batch`` as DuckDB's catalog would find it: in any case, in a CTE, in the temp schema;
+    a caller's variable named ``batch`` is never read instead."""
+    batch = pa.table({"employees": [1000]})  # noqa: F841  # what a frame-walking scan would find
+    expected = by_duckdb("select * from batch where employees > 50 order by id", batch=companies)
+    for flow in (af.Flow(af.sql_agent(sql)), gate(30, max_concurrency=2) >> af.sql_agent(sql)):
+        assert flow.run(companies=companies)["companies"].sort_by("id").equals(expected)
+
+
+@pytest.mark.parametrize(
     ("sql", "tables", "match"),
     [
         ("selec * from batch", (), "cannot parse"),

@@ -29,11 +29,13 @@ from arrowflow.bench import StreamSizeReport, benchmark_stream_sizes
 from arrowflow.context import Context
 from arrowflow.display import plot_streams
 from arrowflow.duckdb_sink import DuckDBSink
+from arrowflow.engines import RayEngine
 from arrowflow.exceptions import (
     ArrowflowError,
     BatchExecutionError,
     ConfigurationError,
     ExecutionError,
+    WorkerLostError,
 )
 from arrowflow.executor import PipelineBatchExecutor
 from arrowflow.flow import Flow, FlowStream, Pipeline
@@ -63,8 +65,10 @@ __all__ = [
     "Pipeline",
     "PipelineBatchExecutor",
     "PipelineResult",
+    "RayEngine",
     "StreamResult",
     "StreamSizeReport",
+    "WorkerLostError",
     "agent",
     "benchmark_stream_sizes",
     "ends_batching",

@@ -54,12 +54,19 @@ class Pace:
         watching: whether completions still matter (the choice is not settled).
     """
 
-    def __init__(self, limit: int, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        limit: int,
+        clock: Callable[[], float] = time.perf_counter,
+        *,
+        adaptive: bool = True,
+    ) -> None:
         self.limit = limit
         self.width = limit
         self._clock = clock
-        self._phase = _THREADS if limit > 1 else _SETTLED
-        self.watching = limit > 1  # read once per stream: an attribute, not a property
+        adapting = adaptive and limit > 1  # streams on other processes: always ``limit``
+        self._phase = _THREADS if adapting else _SETTLED
+        self.watching = adapting  # read once per stream: an attribute, not a property
         self._window = _Window(clock)
         self._threads_rate = 0.0
 

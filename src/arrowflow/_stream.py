@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +33,14 @@ if TYPE_CHECKING:
     from arrowflow.state.base import Store
 
 __all__ = [
+    "Split",
     "StreamOutcome",
     "StreamPlan",
+    "merge_done",
     "persist_stream",
+    "run_agents",
     "run_stream",
+    "split_done",
 ]
 
 _NEVER = threading.Event()  # the cancel event of work that runs to its end
@@ -140,46 +144,96 @@ def run_stream(plan: StreamPlan, stream: StreamInfo) -> StreamOutcome:
 def _attempt(
     attempt: Attempt, plan: StreamPlan, stream: StreamInfo, piece: pa.Table
 ) -> tuple[Fields, pa.Table, pa.Table, int, int]:
-    field, store, context = plan.field, plan.store, stream.context
-    todo, loaded, mask, skipped = piece, None, None, None
-    if store is not None:
-        attempt.enter("skip_if")
-        found = store.skip(stream, piece)
-        if found is not None:
-            mask = _as_mask(found, piece, plan, stream)
-            done = int(np.count_nonzero(mask))
-            if done:
-                attempt.enter("load_existing")
-                if done == piece.num_rows:
-                    todo, skipped = piece.slice(0, 0), piece
-                else:
-                    # One take, then two slices: half the kernel calls of two filters.
-                    order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
-                    parted = piece.take(_indices(order))
-                    todo, skipped = parted.slice(done), parted.slice(0, done)
-                loaded = store.load(stream, skipped)
+    split = None if plan.store is None else split_done(attempt, plan, stream, piece)
+    todo = piece if split is None else split.todo
+    written, processed = run_agents(attempt, plan, stream, todo)
+    return merge_done(attempt, plan, piece, split, written, processed)
+
+
+class Split(NamedTuple):
+    """A stream's rows as the state store parted them.
+
+    Attributes:
+        todo: the rows to run through the agents.
+        loaded: the stored results of the done rows (``load_existing``), if any were done.
+        mask: ``skip_if``'s mask over the stream's rows, if it gave one.
+        skipped: the done rows, if any.
+    """
+
+    todo: pa.Table
+    loaded: pa.Table | None
+    mask: np.ndarray | None
+    skipped: pa.Table | None
+
+
+def split_done(attempt: Attempt, plan: StreamPlan, stream: StreamInfo, piece: pa.Table) -> Split:
+    """Ask the store which of ``piece``'s rows are done, and load their results."""
+    store = plan.store
+    assert store is not None
+    attempt.enter("skip_if")
+    found = store.skip(stream, piece)
+    if found is None:
+        return Split(piece, None, None, None)
+    mask = _as_mask(found, piece, plan, stream)
+    done = int(np.count_nonzero(mask))
+    if not done:
+        return Split(piece, None, mask, None)
+    attempt.enter("load_existing")
+    if done == piece.num_rows:
+        todo, skipped = piece.slice(0, 0), piece
+    else:
+        # One take, then two slices: half the kernel calls of two filters.
+        order = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+        parted = piece.take(_indices(order))
+        todo, skipped = parted.slice(done), parted.slice(0, done)
+    return Split(todo, store.load(stream, skipped), mask, skipped)
+
+
+def run_agents(
+    attempt: Attempt, plan: StreamPlan, stream: StreamInfo, todo: pa.Table
+) -> tuple[Fields, pa.Table]:
+    """The scope's agents, in order, on the stream's context with ``todo`` as its field: the
+    fields they wrote, and the field as the last one left it."""
+    field, context = plan.field, stream.context
+    if not todo.num_rows:
+        return {}, todo
+    # The stream's context holds its rows already: a copy only when rows were skipped.
+    current = context if todo is context[field] else {**context, field: todo}
     written: Fields = {}
-    processed = todo
-    if todo.num_rows:
-        # The stream's context holds ``piece`` already: a copy only when rows were skipped.
-        current = context if todo is piece else {**context, field: todo}
-        for index, agent in enumerate(plan.agents):
-            attempt.enter(agent.name)
-            before = current[field]
-            fields = invoke_agent(agent, current, plan.loop, attempt)
-            value = fields.get(field, before)
-            if value is not before:
-                table = (
-                    plan.as_plain_table(index, value)
-                    if type(value) is pa.Table
-                    else as_table(agent, value, field, f"stream {stream.num}")
-                )
-                if table is not value:
-                    # A copy: the agent's own dict is left as it returned it.
-                    fields = {**fields, field: table}
-            current = {**current, **fields}
-            written.update(fields)
-        processed = current[field]
+    for index, agent in enumerate(plan.agents):
+        attempt.enter(agent.name)
+        before = current[field]
+        fields = invoke_agent(agent, current, plan.loop, attempt)
+        value = fields.get(field, before)
+        if value is not before:
+            table = (
+                plan.as_plain_table(index, value)
+                if type(value) is pa.Table
+                else as_table(agent, value, field, f"stream {stream.num}")
+            )
+            if table is not value:
+                # A copy: the agent's own dict is left as it returned it.
+                fields = {**fields, field: table}
+        current = {**current, **fields}
+        written.update(fields)
+    return written, current[field]
+
+
+def merge_done(
+    attempt: Attempt,
+    plan: StreamPlan,
+    piece: pa.Table,
+    split: Split | None,
+    written: Fields,
+    processed: pa.Table,
+) -> tuple[Fields, pa.Table, pa.Table, int, int]:
+    """The stream's results: the loaded rows and the processed ones in input order (see
+    DESIGN's state rules), as the streamed field of ``written``; with the rows processed, the
+    rows produced, and the numbers of skipped and loaded rows."""
+    if split is None:
+        written[plan.field] = processed
+        return written, piece, processed, 0, 0
+    todo, loaded, mask, skipped = split
     if mask is not None and plan.key is not None:
         attempt.enter("merge of loaded and processed rows")
         results = _in_input_order(loaded, processed, piece, mask, skipped, todo, plan.key)
@@ -188,7 +242,7 @@ def _attempt(
         results = _combine(loaded, processed)
     else:
         results = processed
-    written[field] = results
+    written[plan.field] = results
     skipped_rows = piece.num_rows - todo.num_rows
     return written, todo, processed, skipped_rows, 0 if loaded is None else loaded.num_rows
 

@@ -116,7 +116,17 @@ def _parser() -> _Parser:
     run.add_argument(
         "--max-concurrency", type=_positive, metavar="N", help="streams running at once"
     )
-    run.add_argument("--engine", choices=ENGINES, default="local", help="(default: %(default)s)")
+    run.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="where the scopes' agents run: this process, or a Ray runtime (default: %(default)s)",
+    )
+    run.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="with --engine ray: the cluster to join (default: RAY_ADDRESS, else a local runtime)",
+    )
     run.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -274,6 +284,17 @@ def _import_module(name: str) -> Any:
         raise CommandError(f"cannot import '{name}': {_describe(exc)}") from exc
 
 
+def _send_by_value(target: str) -> None:
+    """A pipeline given as a file is sent to Ray's workers with its agents (pickled by
+    value): a cluster needs no copy of it. Modules it imports must be importable there."""
+    module_name = target.rpartition(":")[0]
+    if module_name.endswith(".py"):
+        import ray.cloudpickle  # only for --engine ray
+
+        module = sys.modules[Path(module_name).stem]
+        ray.cloudpickle.register_pickle_by_value(module)  # type: ignore[no-untyped-call]
+
+
 def _import_file(path: Path) -> Any:
     if not path.is_file():
         raise CommandError(f"no such file: {path}")
@@ -323,11 +344,15 @@ def _scopes(flow: af.Flow) -> list[BatchingScope]:
 
 def _run(args: argparse.Namespace) -> int:
     target = _load(args.target)
+    if args.engine == "ray":
+        _send_by_value(args.target)
     flow = _flow_of(target)
     scopes = _scopes(flow)
     field = _field(args.field, flow, scopes)
     if args.key is not None and args.state is None:
         raise CommandError("--key names the key column for --state: give --state too")
+    if args.ray_address is not None and args.engine != "ray":
+        raise CommandError("--ray-address names the cluster of --engine ray: give that too")
     if args.output is not None and not scopes:
         raise CommandError(f"{args.target} has no streaming scope whose field --output could take")
     store = None if args.state is None else _store(args.state, args.key, scopes)
@@ -335,7 +360,8 @@ def _run(args: argparse.Namespace) -> int:
         target = _with_options(target, args.stream_size, args.max_concurrency, store)
         scopes = _scopes(_flow_of(target))
     source = _input(args.input, af.scan_parquet)
-    options = {"engine": args.engine, "progress": args.progress, "sink": args.output}
+    engine = af.RayEngine(args.ray_address) if args.engine == "ray" else args.engine
+    options = {"engine": engine, "progress": args.progress, "sink": args.output}
     delivered = 0  # the first scope's streams, completed in order
     try:
         with _stream(target, {field: source}, options) as parts:

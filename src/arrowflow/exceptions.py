@@ -26,6 +26,7 @@ __all__ = [
     "BatchExecutionError",
     "ConfigurationError",
     "ExecutionError",
+    "WorkerLostError",
 ]
 
 
@@ -70,3 +71,10 @@ class BatchExecutionError(ExecutionError):
         self.total_batches = total_batches
         self.original_error = original_error
         self.partial_results = partial_results
+
+
+class WorkerLostError(ExecutionError):
+    """The worker process running a stream died (``engine="ray"``): the attempt failed.
+
+    Retried under ``retries=`` like any failed attempt of the stream.
+    """

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from arrowflow.agent import Agent
+    from arrowflow.engines.ray import RayEngine, RayStreams
     from arrowflow.io import Sink
     from arrowflow.scope import BatchingScope
 
@@ -133,6 +134,7 @@ class PipelineBatchExecutor:
         *,
         progress: bool | None = False,
         sink: Sink | None = None,
+        engine: RayEngine | None = None,
     ) -> Generator[StreamResult, None, dict[str, Any]]:
         """Yield each completed stream's result in order; return the merged context.
 
@@ -140,8 +142,10 @@ class PipelineBatchExecutor:
         closing the generator early stops the run after the current stream. ``progress`` and
         ``sink`` are the run options of :meth:`Flow.run`: with a sink, each stream's rows are
         written to it as they complete, and the merged field is read back from it lazily.
+        With an ``engine``, the streams' agents run on its workers (see
+        :mod:`arrowflow.engines.ray`); the engine is not stopped at the end.
         """
-        run = _ScopeRun(self, {**context, **(agent_results or {})}, progress, sink)
+        run = _ScopeRun(self, {**context, **(agent_results or {})}, progress, sink, engine)
         return run.execute()
 
 
@@ -154,6 +158,7 @@ class _ScopeRun:
         context: Fields,
         progress: bool | None,
         sink: Sink | None,
+        engine: RayEngine | None = None,
     ) -> None:
         scope = executor.scope
         size = scope.chunk_size
@@ -203,8 +208,13 @@ class _ScopeRun:
         self.status = "failed"
         self.began = False  # whether the store's begin_run returned: only then is end_run due
         limit = config.max_concurrency
-        self.pool = DaemonPool(limit, "arrowflow-stream") if limit > 1 else None
-        self.pace = Pace(limit)
+        # Locally, streams run on a pool of threads (or one at a time, see Pace); with an
+        # engine, on its workers, ``max_concurrency`` of them in flight.
+        self.engine = engine
+        self.remote: RayStreams | None = None
+        local = engine is None and limit > 1
+        self.pool = DaemonPool(limit, "arrowflow-stream") if local else None
+        self.pace = Pace(limit, adaptive=engine is None)
         self.in_flight: deque[tuple[StreamInfo, _Running]] = deque()
         executor.accumulated_results = []
 
@@ -222,6 +232,9 @@ class _ScopeRun:
             if self.store is not None:
                 self.store.begin_run(self.scope_info, self.source)
             self.began = True
+            if self.engine is not None:
+                members = self.executor.scope.agents
+                self.remote = self.engine.streams(self.plan, members, self.base)
             self.progress = open_progress(
                 self.progress_option, self.trigger.name, self.cutter.total
             )
@@ -271,6 +284,8 @@ class _ScopeRun:
     def _start(self, stream: StreamInfo) -> Future[StreamOutcome] | StreamOutcome:
         """Run a stream on the pool, or right here (its outcome, then) when streams run one
         at a time."""
+        if self.remote is not None:
+            return self.remote.start(stream)
         if self.pool is None or self.pace.one_at_a_time:
             return run_stream(self.plan, stream)
         return self.pool.submit(_run_on_thread, self.plan, stream)
@@ -429,6 +444,8 @@ class _ScopeRun:
         self.in_flight.clear()
         self.cancelled.set()
         self.plan.loop.cancel_all()
+        if self.remote is not None:
+            self.remote.cancel()
         for _, future in running:
             if isinstance(future, Future):
                 future.cancel()
@@ -477,9 +494,10 @@ class _ScopeRun:
         failing step becomes a note on it; otherwise the first failure is raised once every
         step ran, and the store records the run as failed.
         """
-        pool, progress, sink = self.pool, self.progress, self.sink
+        pool, progress, sink, remote = self.pool, self.progress, self.sink, self.remote
         steps: list[tuple[str, Callable[[], object]]] = [
             ("the stream threads", pool.shutdown if pool is not None else _nothing),
+            ("the Ray workers", remote.close if remote is not None else _nothing),
             ("the event loop", self.plan.loop.close),
             ("the progress bar", progress.close if progress is not None else _nothing),
             ("the sink", sink.abort if sink is not None else _nothing),

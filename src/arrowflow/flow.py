@@ -20,6 +20,7 @@ from arrowflow._retry import is_interrupt
 from arrowflow._store import check_shared_tables
 from arrowflow.agent import Agent, AgentLike
 from arrowflow.display import flow_html, flow_text
+from arrowflow.engines import ENGINES, RayEngine, engine_for
 from arrowflow.exceptions import ConfigurationError
 from arrowflow.executor import PipelineBatchExecutor, drain
 from arrowflow.io import as_sink
@@ -33,9 +34,7 @@ if TYPE_CHECKING:
     from arrowflow.io import Sink
     from arrowflow.state.base import StateStore
 
-__all__ = ["Flow", "FlowStream", "Pipeline"]
-
-ENGINES = ("local",)
+__all__ = ["ENGINES", "Flow", "FlowStream", "Pipeline"]
 
 _P = ParamSpec("_P")
 _S = TypeVar("_S")
@@ -47,7 +46,7 @@ class _Run:
     """A run's initial context and its options, as :func:`_run_arguments` parsed them."""
 
     context: dict[str, Any]
-    engine: str
+    engine: str | RayEngine
     progress: bool | None
     sink: Sink | None
 
@@ -56,7 +55,7 @@ def _run_arguments(
     context: Mapping[str, Any] | None = None,
     /,
     *,
-    engine: str = "local",
+    engine: str | RayEngine = "local",
     progress: bool | None = None,
     sink: Sink | str | os.PathLike[str] | None = None,
     **fields: Any,
@@ -207,14 +206,18 @@ class Flow:
         stream_size: int | None = None,
         max_concurrency: int | None = None,
         state: StateStore | None = None,
+        engine: str | RayEngine | None = None,
         scope: str | None = None,
     ) -> Flow:
-        """This flow, with one scope run at another stream size, concurrency or state store.
+        """This flow, with one scope run at another stream size, concurrency, state store or
+        engine.
 
         The scope is the first one, or the one whose trigger agent is named ``scope``. The
         options given replace the trigger's declared ones for this flow only; ``None`` keeps
         the declared value, and everything else of the declaration (hooks, retries, ``over``,
-        ``key`` …) is kept. The agents' classes are not touched, so the same agents keep
+        ``key`` …) is kept. An ``engine`` (``"local"``, ``"ray"`` or an
+        :class:`~arrowflow.RayEngine`) is the one the scope runs on, whatever the run's
+        ``engine=``. The agents' classes are not touched, so the same agents keep
         their declaration in other flows. A state store fingerprints what a scope computes
         (its agents, field, key and input schema), not how it is cut: a run resumed with
         another ``stream_size`` or ``max_concurrency`` skips the rows already done.
@@ -250,12 +253,17 @@ class Flow:
                 f"scopes are triggered by {', '.join(map(repr, names))}."
             )
         given = {"stream_size": stream_size, "max_concurrency": max_concurrency, "state": state}
-        changed = {option: value for option, value in given.items() if value is not None}
+        changed: dict[str, Any] = {
+            option: value for option, value in given.items() if value is not None
+        }
         chosen = scopes[names.index(name)]
         declared = chosen.streaming_config()
         assert declared is not None  # a scope's trigger declares streaming
         # Validated as a whole declaration, so a bad value is refused as in the decorator.
         build(StreamingConfig, name, **{**dict(declared), **changed})
+        if engine is not None:
+            engine_for(engine)
+            changed["engine"] = engine
         flow = Flow(self)
         flow.options = MappingProxyType({**self.options, name: {**chosen.options, **changed}})
         return flow
@@ -273,7 +281,9 @@ class Flow:
 
         Args:
             context: initial fields, never checked as options.
-            engine: ``"local"`` runs in this process.
+            engine: ``"local"`` runs in this process; ``"ray"`` runs the scopes' agents on a
+                Ray runtime (:class:`~arrowflow.RayEngine`, which an ``af.RayEngine(...)``
+                given here configures); agents outside scopes run here either way.
             progress: a progress bar per scope; ``None`` shows one only in a notebook or a
                 terminal (when tqdm is installed), ``True`` always, ``False`` never.
             sink: where the first scope writes each stream as it completes, in order: a
@@ -306,21 +316,30 @@ class Flow:
 
     def _execute(self, run: _Run) -> Generator[StreamResult, None, PipelineResult]:
         """Check the options and the scopes now, then return the run as a generator."""
-        if run.engine not in ENGINES:
-            raise ConfigurationError(
-                f"Unknown engine {run.engine!r}; available: {', '.join(ENGINES)}."
-            )
+        engine = engine_for(run.engine)
         agents = [instantiate(agent) for agent in self.agents]
         check_agents(agents)
         manager = BatchingScopeManager()
         manager.detect_scopes(agents, self.options)
         check_shared_tables((scope.trigger_name, _state_of(scope)) for scope in manager.scopes)
-        return self._run(agents, manager, run)
+        engines = {id(scope): engine_for(scope.engine) for scope in manager.scopes if scope.engine}
+        # On an engine, a scope runs from its members as the flow gives them: an agent given
+        # as a class is instantiated by each worker, so its set-up happens there, once.
+        given = BatchingScopeManager().detect_scopes(self.agents, self.options)
+        members = dict(zip(map(id, manager.scopes), given, strict=True))
+        return self._run(agents, manager, run, engine, engines, members)
 
     @staticmethod
     def _run(
-        agents: list[Agent], manager: BatchingScopeManager, run: _Run
+        agents: list[Agent],
+        manager: BatchingScopeManager,
+        run: _Run,
+        engine: RayEngine | None,
+        engines: dict[int, RayEngine | None],
+        members: dict[int, BatchingScope],
     ) -> Generator[StreamResult, None, PipelineResult]:
+        """The agents in order, each scope on its engine; the engines are released at the
+        end, whatever happened."""
         context = run.context
         scopes = manager.scopes
         starts = {id(scope.trigger_agent): scope for scope in scopes}
@@ -328,25 +347,32 @@ class Flow:
         stats: list[dict[str, Any]] = []
         scope_names: list[str] = []
         first = True
-        for agent in agents:
-            scope = starts.get(id(agent))
-            if scope is not None:
-                executor = PipelineBatchExecutor(scope)
-                batches = executor.iter_batches(
-                    context, progress=run.progress, sink=run.sink if first else None
-                )
-                context = (yield from batches) if first else drain(batches)
-                first = False
-                stats.append(executor.execution_stats)
-                scope_names.append(scope.trigger_name)
-            elif id(agent) not in skip:
-                try:
-                    fields = invoke_agent(agent, context)
-                except Exception as exc:
-                    # Keep the agent's own exception type; say where it came from.
-                    exc.add_note(f"raised by agent '{agent.name}'")
-                    raise
-                context = {**context, **fields}
+        try:
+            for agent in agents:
+                scope = starts.get(id(agent))
+                if scope is not None:
+                    on = engines.get(id(scope), engine)
+                    executor = PipelineBatchExecutor(scope if on is None else members[id(scope)])
+                    batches = executor.iter_batches(
+                        context, progress=run.progress, sink=run.sink if first else None, engine=on
+                    )
+                    context = (yield from batches) if first else drain(batches)
+                    first = False
+                    stats.append(executor.execution_stats)
+                    scope_names.append(scope.trigger_name)
+                elif id(agent) not in skip:
+                    try:
+                        fields = invoke_agent(agent, context)
+                    except Exception as exc:
+                        # Keep the agent's own exception type; say where it came from.
+                        exc.add_note(f"raised by agent '{agent.name}'")
+                        raise
+                    context = {**context, **fields}
+        finally:
+            for used in {
+                id(found): found for found in [engine, *engines.values()] if found
+            }.values():
+                used.release()
         return PipelineResult(context, stats, scope_names)
 
 
@@ -421,10 +447,15 @@ class _PipelineWithOptions:
             stream_size: int | None = None,
             max_concurrency: int | None = None,
             state: StateStore | None = None,
+            engine: str | RayEngine | None = None,
             scope: str | None = None,
         ) -> Any:
             flow = owner._flow().with_options(
-                stream_size=stream_size, max_concurrency=max_concurrency, state=state, scope=scope
+                stream_size=stream_size,
+                max_concurrency=max_concurrency,
+                state=state,
+                engine=engine,
+                scope=scope,
             )
             namespace = {"flow": flow, "__module__": owner.__module__, "__doc__": owner.__doc__}
             derived = type(owner.__name__, (owner,), namespace)

@@ -51,8 +51,8 @@ class BatchingScope:
         chunk_size: the stream size; wins over the trigger's ``stream_size`` when given.
         array_field: the streamed field; wins over the trigger's ``over`` when given.
         options: options of ``intelligent_streaming`` replacing the trigger's declared ones
-            for this scope only (what ``Flow.with_options`` sets, already validated); the
-            agent's class is left as declared.
+            for this scope only, and its ``engine`` (what ``Flow.with_options`` sets, already
+            validated); the agent's class is left as declared.
     """
 
     def __init__(
@@ -81,9 +81,16 @@ class BatchingScope:
         if not _is_agent(trigger):
             return None
         config: StreamingConfig | None = agent_class(trigger)._streaming  # type: ignore[arg-type]
-        if config is None or not self.options:
+        update = {name: value for name, value in self.options.items() if name != "engine"}
+        if config is None or not update:
             return config
-        return config.model_copy(update=self.options)
+        return config.model_copy(update=update)
+
+    @property
+    def engine(self) -> Any:
+        """The engine this scope runs on whatever the run's (``Flow.with_options(engine=)``),
+        if one was given."""
+        return self.options.get("engine")
 
     @property
     def chunk_size(self) -> int | None:

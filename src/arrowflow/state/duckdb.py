@@ -268,6 +268,22 @@ class DuckDBState(StoreCallables):
         # The scope_id of every run that ended: their abandoned streams are refused.
         self._ended: set[str | None] = set()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy in another process (a Ray worker receiving an agent's declaration) is the
+        # configuration only, a store that has opened nothing: the connection and the run stay
+        # here, and the engine's workers never call the store.
+        settings = self._settings
+        return (
+            functools.partial(
+                type(self),
+                commit_interval=self.commit_interval,
+                memory_limit=settings.get("memory_limit"),
+                write_memory_limit=self._write_limit,
+                temp_directory=settings.get("temp_directory"),
+            ),
+            (self.path, self.table, self.key, self.version),
+        )
+
     def __repr__(self) -> str:
         return (
             f"DuckDBState(path={self.path!r}, table={self.table!r}, key={self.key!r}, "

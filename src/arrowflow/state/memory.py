@@ -159,6 +159,11 @@ class MemoryState(StoreCallables):
         self._ended: set[str | None] = set()
         self._forget()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy in another process (a Ray worker receiving an agent's declaration) is a new,
+        # empty store of the same configuration: the results stay with the run that has them.
+        return (type(self), (self.table, self.key, self.version))
+
     def __repr__(self) -> str:
         return f"MemoryState(table={self.table!r}, key={self.key!r})"
 
