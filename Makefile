@@ -57,7 +57,7 @@ $(MIN_STAMP): pyproject.toml constraints/minimum.txt | $(MIN_PY)
 	touch $@
 
 test-min: $(MIN_STAMP)
-	$(MIN_PY) -m pip list --format=freeze | grep -iE '^(pyarrow|duckdb|pydantic|numpy|polars|tqdm|pandas|matplotlib)=='
+	$(MIN_PY) -m pip list --format=freeze | grep -iE '^(pyarrow|duckdb|pydantic|numpy|polars|tqdm|pandas|matplotlib|ray)=='
 	$(MIN_PY) -m pytest
 
 lint: $(DEV_STAMP)
