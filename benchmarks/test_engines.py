@@ -48,7 +48,10 @@ TITLE = "engines: local against Ray (best of rounds, warm runtime)"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[af.RayEngine]:
+    """The warm engine; its first run starts the runtime (before Ray Data could start one of
+    its own, whose workers would not import this module)."""
     engine = af.RayEngine(keep_running=True)
+    af.Flow(Hashes).run(rows=pa.table({"name": ["warm-up"]}), engine=engine, progress=False)
     yield engine
     engine.shutdown()
 
