@@ -597,3 +597,19 @@ def test_the_command_line_runs_on_a_cluster(ray_runtime: str, tmp_path: Path) ->
     assert usage.returncode == 2
     assert "--ray-address names the cluster of --engine ray" in usage.stderr
     assert "Traceback" not in usage.stderr
+
+
+def test_a_warm_pool_leaves_the_runtimes_cpus_to_other_work(ray_runtime: str) -> None:
+    warm = af.RayEngine(keep_running=True)
+    try:
+        result = af.Flow(Metadata).run(rows=rows(1_000), engine=warm)  # 2 actors, kept
+        assert result["rows"].num_rows == 1_000
+
+        @ray.remote(num_cpus=2)
+        def needs_every_cpu() -> str:
+            return "ran"
+
+        assert ray.get(needs_every_cpu.remote(), timeout=DEADLINE) == "ran"
+    finally:
+        warm.shutdown()
+    assert ray.is_initialized()  # the runtime was not the engine's: it is left running

@@ -189,19 +189,27 @@ class RayEngine:
             return pool
         if pool is not None:
             pool.kill()
-        self._pool = _Pool(actors, threads, min(1.0, cpus / actors))
+        self._pool = _Pool(actors, threads)
         return self._pool
 
 
 class _Pool:
     """The worker actors, and how many streams each is running."""
 
-    def __init__(self, actors: int, threads: int, cpus: float) -> None:
+    def __init__(self, actors: int, threads: int) -> None:
         worker = _worker_class()
         self.shape = (actors, threads)
         # Two threads more than streams: cancel() and forget() are never queued behind them.
         # Restarted by Ray when their process dies (module docstring, failures).
-        options = {"num_cpus": cpus, "max_concurrency": threads + 2, "max_restarts": -1}
+        # No CPU reserved, spread over the nodes: a pool kept warm between runs never holds
+        # the CPUs that other work of the runtime (a Ray Data job, say) waits for; the number
+        # of actors is what bounds the CPUs the streams use.
+        options = {
+            "num_cpus": 0,
+            "scheduling_strategy": "SPREAD",
+            "max_concurrency": threads + 2,
+            "max_restarts": -1,
+        }
         self.handles = [worker.options(**options).remote() for _ in range(actors)]
         self.running = [0] * actors
         self.down: set[int] = set()  # actors that lost a stream and are not known back yet
