@@ -205,6 +205,8 @@ def run_agents(
         before = current[field]
         fields = invoke_agent(agent, current, plan.loop, attempt)
         value = fields.get(field, before)
+        if value is before and len(fields) == (field in fields):
+            continue  # nothing changed (None, or the field as it came): the context stands
         if value is not before:
             table = (
                 plan.as_plain_table(index, value)

@@ -42,6 +42,7 @@ from arrowflow._store import store_for
 from arrowflow._stream import StreamOutcome, StreamPlan, persist_stream, run_stream
 from arrowflow._workers import DaemonPool, result_of
 from arrowflow.context import Context
+from arrowflow.engines.ray import QUEUED
 from arrowflow.exceptions import (
     BatchExecutionError,
     ConfigurationError,
@@ -214,7 +215,10 @@ class _ScopeRun:
         self.remote: RayStreams | None = None
         local = engine is None and limit > 1
         self.pool = DaemonPool(limit, "arrowflow-stream") if local else None
-        self.pace = Pace(limit, adaptive=engine is None)
+        # On an engine, a few streams wait at the workers beyond ``max_concurrency``; not with
+        # one at a time, whose hooks may count on a stream starting once the last completed.
+        queued = QUEUED if engine is not None and limit > 1 else 0
+        self.pace = Pace(limit + queued, adaptive=engine is None)
         self.in_flight: deque[tuple[StreamInfo, _Running]] = deque()
         executor.accumulated_results = []
 

@@ -11,9 +11,10 @@ one tabular field, ``over``, and writes its result back to it as a ``pa.Table``:
 With ``over=None`` the field is the scope's streamed field inside a scope, else the only tabular
 field of the context (fields named in ``tables=`` left aside).
 
-Tables cross without a copy where the libraries allow it (``pl.from_arrow`` without rechunking,
-``DataFrame.to_arrow``, DuckDB's Arrow scans). The view types polars and DuckDB may export
-(``string_view``…) come back as the types the rest of arrowflow works with (``large_string``…).
+Tables cross without a copy where the libraries allow it (the Arrow C stream interface both ways
+with polars, without rechunking; DuckDB's Arrow scans). The view types polars and DuckDB may
+export (``string_view``…) come back as the types the rest of arrowflow works with
+(``large_string``…).
 
 polars is optional: it is imported when a polars agent is created, never by ``import
 arrowflow``. DuckDB queries run on one in-memory connection per thread, opened on the thread's
@@ -179,11 +180,12 @@ def polars_agent(
 ) -> type[Agent]:
     """Turn a function over a polars frame into an agent class.
 
-    The agent hands field ``over`` to ``fn`` as a ``pl.DataFrame`` (``pl.from_arrow``, no copy
-    where polars allows), or as a ``pl.LazyFrame`` when ``fn``'s first parameter is annotated
-    ``pl.LazyFrame`` (a string annotation too), and writes the frame ``fn`` returns (a
-    ``LazyFrame`` is collected) back to the field as a ``pa.Table``. Inside a streaming scope it
-    runs once per stream on the stream's rows.
+    The agent hands field ``over`` to ``fn`` as a ``pl.DataFrame`` (the frame
+    ``pl.from_arrow(table, rechunk=False)`` gives, no copy where polars allows), or as a
+    ``pl.LazyFrame`` when ``fn``'s first parameter is annotated ``pl.LazyFrame`` (a string
+    annotation too), and writes the frame ``fn`` returns (a ``LazyFrame`` is collected) back to
+    the field as a ``pa.Table``. Inside a streaming scope it runs once per stream on the
+    stream's rows.
 
     Args:
         fn: a function taking the frame and returning a ``pl.DataFrame`` or ``pl.LazyFrame``.
