@@ -212,13 +212,11 @@ class _Pool:
     def __init__(self, actors: int, threads: int) -> None:
         worker = _worker_class()
         self.shape = (actors, threads)
-        # Two threads more than streams: cancel() and forget() are never queued behind them.
-        # Restarted by Ray when their process dies (module docstring, failures).
         # No CPU reserved, spread over the nodes: a pool kept warm between runs never holds
         # the CPUs that other work of the runtime (a Ray Data job, say) waits for; the number
-        # of actors is what bounds the CPUs the streams use.
-        # Streams run ``threads`` at a time; prepare, cancel and forget have threads of their
-        # own, so they never wait behind a stream (nor a stream queued behind another).
+        # of actors is what bounds the CPUs the streams use. Streams run ``threads`` at a time;
+        # prepare, cancel and forget have threads of their own (:data:`_CONTROL`), so they never
+        # wait behind a stream. Restarted by Ray when their process dies (module docstring).
         options = {
             "num_cpus": 0,
             "scheduling_strategy": "SPREAD",
@@ -456,15 +454,17 @@ def _put(shipped: Any, plan: StreamPlan, context: Mapping[str, Any]) -> Any:
     try:
         return ray.put(shipped)
     except Exception as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-    pickle = ray.cloudpickle
+        error: Exception = exc
+    # Ray's message holds the whole value: say instead which part fails, and why.
     where = "the scope's agents"
-    for name, value in context.items():
+    for name, value in [*context.items(), ("", shipped[0])]:
         try:
-            pickle.dumps(value)
-        except Exception:
-            where = f"field '{name}'"
+            ray.cloudpickle.dumps(value)
+        except Exception as exc:
+            where, error = (f"field '{name}'" if name else where), exc
             break
+    lines = str(error).strip().splitlines()
+    problem = f"{type(error).__name__}: {lines[0] if lines else ''}"
     raise ConfigurationError(
         f"Agent '{plan.agents[0].name}': {where} cannot be sent to Ray workers ({problem}). "
         "Give the workers what they can rebuild (a path, a URL) and open it in the agent, or "
