@@ -26,6 +26,7 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 import pytest
 
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from conftest import Figures
-
-pl = pytest.importorskip("polars")
 
 STREAM_SIZE = 10_000
 GOAL_RATIO = 1.15

@@ -70,7 +70,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """The endpoint (``127.0.0.1:port``) of a moto S3 server, up for the whole session."""
-    moto_server = pytest.importorskip("moto.server")
+    import moto.server as moto_server
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

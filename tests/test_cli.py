@@ -393,7 +393,6 @@ def test_stats_of_one_table_with_its_failures(
 
 
 def test_bench_prints_json_and_saves_a_plot(project: Path) -> None:
-    pytest.importorskip("matplotlib")
     completed = arrowflow(
         project,
         *("bench", "pipe:Double", "--input", "in.parquet", "--stream-sizes", "2,5"),

@@ -391,7 +391,8 @@ def test_streams_of_a_run_without_scope_is_empty_with_the_columns() -> None:
 
 @pytest.fixture
 def pyplot() -> Any:
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

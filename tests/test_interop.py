@@ -10,6 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 import pytest
 
@@ -18,8 +19,6 @@ from arrowflow import interop
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-pl = pytest.importorskip("polars")
 
 WAIT = 10.0  # seconds a stream waits for the others at the barrier before failing the test
 QUERY = "select *, employees * 2 as doubled, upper(name) as loud from batch where employees > 20"

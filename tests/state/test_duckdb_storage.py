@@ -35,7 +35,8 @@ def test_to_parquet_round_trips(
     scoring_agent: Build,
     make_companies: Callable[..., pa.Table],
 ) -> None:
-    pl = pytest.importorskip("polars")
+    import polars as pl
+
     store = make_store(tmp_path / "state.duckdb")
     companies = make_companies(500)
     run(scoring_agent(store, 100, min_employees=20), companies=companies)
