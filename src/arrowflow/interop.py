@@ -106,7 +106,9 @@ class _InteropAgent(Agent):
                 f"table, found {describe(value)}. Give it a pyarrow Table or a data frame, or "
                 "name another field."
             )
-        return to_table(value)
+        # A table goes as it is: polars and DuckDB read view types, and what they return is
+        # normalised. Converting it again would cost a look at its schema per stream.
+        return value if type(value) is pa.Table else to_table(value)
 
 
 def _where(context: Mapping[str, Any]) -> str:
