@@ -206,6 +206,32 @@ def test_retries_count_as_they_do_locally(ray_runtime: str, tmp_path: Path) -> N
     assert comparable(remote.stats[0]) == comparable(local.stats[0])
 
 
+def times_out_once(directory: Path) -> type[af.Agent]:
+    @af.intelligent_streaming(stream_size=100, over="rows", timeout=1.0, retries=1, backoff=0)
+    class Stalls(af.Agent):
+        def call(self, context: Any) -> None:
+            flag = directory / "stalled"
+            if context["_batch_metadata"]["batch_number"] == 2 and not flag.exists():
+                flag.write_text("")
+                deadline = time.monotonic() + 5  # past the timeout: abandoned, then ends
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+    return Stalls
+
+
+def test_a_timeout_bounds_each_attempt_on_the_worker(ray_runtime: str, tmp_path: Path) -> None:
+    results = {}
+    for engine in ("local", "ray"):
+        directory = tmp_path / engine
+        directory.mkdir()
+        results[engine] = af.Flow(times_out_once(directory)).run(rows=rows(300), engine=engine)
+    local, remote = results["local"], results["ray"]
+    assert remote["rows"].equals(rows(300))
+    assert remote.stats[0]["streams"]["attempts"].to_pylist() == [1, 2, 1]
+    assert comparable(remote.stats[0]) == comparable(local.stats[0])
+
+
 @af.intelligent_streaming(stream_size=100, over="rows", on_error="continue")
 class FailsThird(af.Agent):
     def call(self, context: Any) -> None:
@@ -428,6 +454,10 @@ def test_with_options_and_pipelines_take_the_engine(ray_runtime: str) -> None:
     for remote in (by_option, by_run):
         assert remote["rows"].equals(local["rows"])
         assert comparable(remote.stats[0]) == comparable(local.stats[0])
+    with Tagging(rows=rows(600)).stream(engine="ray") as parts:
+        assert [part.stream_num for part in parts] == [1, 2, 3]
+    assert parts.result is not None
+    assert parts.result["rows"].equals(local["rows"])
     with pytest.raises(af.ConfigurationError, match="Unknown engine 'spark'"):
         af.Flow(Metadata).with_options(engine="spark")
 
