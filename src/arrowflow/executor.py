@@ -286,8 +286,8 @@ class _ScopeRun:
                 yield result
 
     def _start(self, stream: StreamInfo) -> Future[StreamOutcome] | StreamOutcome:
-        """Run a stream on the pool, or right here (its outcome, then) when streams run one
-        at a time."""
+        """Run a stream on the engine's workers, on the pool, or right here (its outcome, then)
+        when streams run one at a time."""
         if self.remote is not None:
             return self.remote.start(stream)
         if self.pool is None or self.pace.one_at_a_time:
@@ -449,7 +449,8 @@ class _ScopeRun:
         self.cancelled.set()
         self.plan.loop.cancel_all()
         if self.remote is not None:
-            self.remote.cancel()
+            with suppress(Exception):  # a runtime already gone: its streams are gone too
+                self.remote.cancel()
         for _, future in running:
             if isinstance(future, Future):
                 future.cancel()
