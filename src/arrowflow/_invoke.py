@@ -33,6 +33,7 @@ __all__ = [
     "Fields",
     "as_table",
     "check_agents",
+    "in_stream",
     "instantiate",
     "invoke_agent",
 ]
@@ -65,7 +66,8 @@ def check_agents(agents: list[Agent]) -> None:
             )
 
 
-def _where(context: Mapping[str, Any]) -> str:
+def in_stream(context: Mapping[str, Any]) -> str:
+    """``", stream 3/10"`` inside a streaming scope, else nothing: for messages."""
     meta = context.get("_batch_metadata")
     if not isinstance(meta, dict):
         return ""
@@ -84,7 +86,7 @@ def _to_fields(agent: Agent, returned: Any, context: Mapping[str, Any]) -> Field
     field = meta.get("array_field") if isinstance(meta, dict) else None
     example = f'{{"{field}": table}}' if field else '{"field": value}'
     raise ConfigurationError(
-        f"Agent '{agent.name}'{_where(context)}: call() returned {describe(returned)}; return a "
+        f"Agent '{agent.name}'{in_stream(context)}: call() returned {describe(returned)}; return a "
         f"mapping of the fields to set, e.g. return {example}, or None to change nothing."
     )
 

@@ -39,6 +39,7 @@ import duckdb
 import pyarrow as pa
 
 from arrowflow._compat import import_optional
+from arrowflow._invoke import in_stream
 from arrowflow._tabular import describe, is_tabular, to_table, without_views
 from arrowflow.agent import Agent
 from arrowflow.exceptions import ConfigurationError, ExecutionError
@@ -82,12 +83,12 @@ class _InteropAgent(Agent):
             return candidates[0]
         if not candidates:
             raise ConfigurationError(
-                f"Agent '{self.name}'{_where(context)}: no tabular field in the context to read "
+                f"Agent '{self.name}'{in_stream(context)}: no tabular field in the context to read "
                 f"(fields: {_names(context)}). Set one before this agent, or name it with "
                 "over='field'."
             )
         raise ConfigurationError(
-            f"Agent '{self.name}'{_where(context)}: several tabular fields could be its input "
+            f"Agent '{self.name}'{in_stream(context)}: several tabular fields could be its input "
             f"({', '.join(candidates)}); choose one with over='{candidates[0]}'."
         )
 
@@ -95,29 +96,20 @@ class _InteropAgent(Agent):
         """Field ``field`` as a table; ``ExecutionError`` when it is absent or not tabular."""
         if field not in context:
             raise ExecutionError(
-                f"Agent '{self.name}'{_where(context)}: field '{field}' ({role}) is not in the "
+                f"Agent '{self.name}'{in_stream(context)}: field '{field}' ({role}) is not in the "
                 f"context (fields: {_names(context)}). Set it before this agent, or fix the "
                 "name given to the agent."
             )
         value = context[field]
         if not is_tabular(value, allow_records=True):
             raise ExecutionError(
-                f"Agent '{self.name}'{_where(context)}: field '{field}' ({role}) must hold a "
+                f"Agent '{self.name}'{in_stream(context)}: field '{field}' ({role}) must hold a "
                 f"table, found {describe(value)}. Give it a pyarrow Table or a data frame, or "
                 "name another field."
             )
         # A table goes as it is: polars and DuckDB read view types, and what they return is
         # normalised. Converting it again would cost a look at its schema per stream.
         return value if type(value) is pa.Table else to_table(value)
-
-
-def _where(context: Mapping[str, Any]) -> str:
-    """``", stream 3/10"`` inside a streaming scope, else nothing."""
-    meta = context.get("_batch_metadata")
-    if not isinstance(meta, dict):
-        return ""
-    total = meta.get("total_batches")
-    return f", stream {meta.get('batch_number')}" + ("" if total is None else f"/{total}")
 
 
 def _names(context: Mapping[str, Any]) -> str:
@@ -149,7 +141,7 @@ class _PolarsAgent(_InteropAgent):
             returned = returned.collect()
         if not isinstance(returned, pl.DataFrame):
             raise ConfigurationError(
-                f"Agent '{self.name}'{_where(context)}: the function returned "
+                f"Agent '{self.name}'{in_stream(context)}: the function returned "
                 f"{describe(returned)} for field '{field}'; return a polars DataFrame or "
                 "LazyFrame (a Series becomes one with .to_frame())."
             )
@@ -313,7 +305,7 @@ class _SQLAgent(_InteropAgent):
     def _parameter(self, context: Mapping[str, Any], name: str) -> Any:
         if name not in context:
             raise ExecutionError(
-                f"Agent '{self.name}'{_where(context)}: the query's parameter ${name} is not a "
+                f"Agent '{self.name}'{in_stream(context)}: the query's parameter ${name} is not a "
                 f"field of the context (fields: {_names(context)}). Set field '{name}' before "
                 f"this agent, e.g. run({name}=...)."
             )
@@ -335,7 +327,7 @@ class _SQLAgent(_InteropAgent):
         if not message.endswith((".", "!", "?")):
             message += "."
         return (
-            f"Agent '{self.name}'{_where(context)}: the query over field '{field}' failed: "
+            f"Agent '{self.name}'{in_stream(context)}: the query over field '{field}' failed: "
             f"{message} Check it against the field's columns ({columns}) and the tables it "
             f"reads ({seen}); quote names that are not plain lower-case words."
         )
