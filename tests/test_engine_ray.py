@@ -30,6 +30,7 @@ import ray
 
 import arrowflow as af
 from arrowflow.demo import DEFAULT_INPUT, pipeline_for
+from arrowflow.engines.ray import _Pool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 120.0  # seconds a worker waits for a file the test writes
@@ -442,6 +443,26 @@ def test_a_worker_killed_mid_run_is_a_failed_attempt_retried(
     assert streams["status"].to_pylist() == ["ok", "ok", "failed", "ok", "ok"]
     assert streams["error"][2].as_py().startswith("WorkerLostError: the Ray worker")
     assert given_up["rows"]["id"].to_pylist() == [*range(200), *range(300, 500)]
+
+
+def test_stopping_the_pool_waits_for_its_recovery_threads(ray_runtime: str) -> None:
+    """A thread waiting for a lost worker is joined before the runtime may shut down; none
+    starts after. (One calling Ray after the shutdown reconnected from that thread, and a
+    connection opened while the old one closed aborted the driver at Ctrl-C.)"""
+    pool = _Pool(1, 1)
+    waiting, ended = threading.Event(), []
+
+    def recovering() -> None:
+        waiting.set()
+        pool.stopped.wait()
+        ended.append("recovering")
+
+    assert pool.in_background(recovering)
+    assert waiting.wait(DEADLINE)
+    pool.kill()
+    assert ended == ["recovering"]  # joined before kill() returned
+    assert not pool.in_background(ended.append, "too late")
+    assert ended == ["recovering"]
 
 
 def test_with_options_and_pipelines_take_the_engine(ray_runtime: str) -> None:

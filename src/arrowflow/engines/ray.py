@@ -85,7 +85,7 @@ from arrowflow.exceptions import ConfigurationError, ExecutionError, WorkerLostE
 from arrowflow.state.base import StreamInfo
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from arrowflow._config import StreamingConfig
     from arrowflow.agent import AgentLike
@@ -226,8 +226,13 @@ class _Pool:
         self.handles = [worker.options(**options).remote() for _ in range(actors)]
         self.running = [0] * actors
         self.down: set[int] = set()  # actors that lost a stream and are not known back yet
-        self.alive = True
+        self.stopped = threading.Event()
         self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+
+    @property
+    def alive(self) -> bool:
+        return not self.stopped.is_set()
 
     def take(self) -> int:
         """The actor with the fewest streams in flight, counted as running one more; one that
@@ -270,11 +275,39 @@ class _Pool:
         for index in range(len(self.handles)):
             self.control(index, method, *args)
 
+    def in_background(self, target: Callable[..., None], *args: Any) -> bool:
+        """Call ``target`` on a thread of its own, unless the pool is stopped (then ``False``).
+
+        Such a thread may call Ray until :meth:`kill` has joined it: a call after the runtime
+        shut down would start a new one from that thread (Ray connects on first use), and a
+        connection opened while the old one closes aborts the process.
+        """
+
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+
+        with self._lock:
+            if not self.alive:
+                return False
+            thread = threading.Thread(target=run, daemon=True)
+            self._threads.add(thread)
+            thread.start()
+        return True
+
     def kill(self) -> None:
-        self.alive = False
+        """Stop the actors, and wait for the background threads, which then end at once."""
+        with self._lock:
+            self.stopped.set()
+            threads = list(self._threads)
         ray = _ray()
         for handle in self.handles:
-            ray.kill(handle)
+            ray.kill(handle)  # a call waiting on one fails now
+        for thread in threads:
+            thread.join(RESTART_SECONDS)
 
 
 @dataclass(slots=True)
@@ -384,36 +417,39 @@ class RayStreams:
             return
         # Waited for on a thread of its own: this callback runs on one of Ray's.
         self.pool.mark_down(index)
-        threading.Thread(target=self._lost, args=(job, index, error), daemon=True).start()
+        job.outcome.tries.count += 1
+        if not self.pool.in_background(self._lost, job, index, error):
+            self._give_up(job, error)  # the engine is stopping: nothing will be sent again
 
     def _lost(self, job: _Job, index: int, error: BaseException) -> None:
         """Once the actor is back, fail the attempt; send the stream again if it may retry."""
-        self.pool.recover(index)
+        pool, tries, config = self.pool, job.outcome.tries, self.plan.config
+        pool.recover(index)
+        if not pool.alive:
+            self._give_up(job, error)
+            return
         self._prepare(index)  # a restarted actor knows no run
-        tries, config = job.outcome.tries, self.plan.config
-        tries.count += 1
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        lost = WorkerLostError(
-            f"the Ray worker running the stream was lost ({type(error).__name__}: {first_line})"
-        )
-        retryable = isinstance(lost, config.retry_on) and tries.count <= config.retries
+        retryable = tries.count <= config.retries and issubclass(WorkerLostError, config.retry_on)
         if not retryable or self.plan.cancelled.is_set():
-            tries.step, tries.error = "worker", lost
-            _settle(job.future, job.outcome)
+            self._give_up(job, error)
             return
-        delay = backoff_delay(config.backoff, tries.count)
-        timer = threading.Timer(delay, self._send_again, (job,))
-        timer.daemon = True
-        timer.start()
-
-    def _send_again(self, job: _Job) -> None:
-        if self.plan.cancelled.is_set():
+        # Waits out the backoff unless the engine stops meanwhile.
+        stopped = pool.stopped.wait(backoff_delay(config.backoff, tries.count))
+        if stopped or self.plan.cancelled.is_set():
             _settle(job.future, None, ExecutionError("the run stopped"))
-            return
-        try:
-            self._send(job)
-        except BaseException as error:  # the runtime went away: the run ends with it
-            _settle(job.future, None, error)
+        else:
+            try:
+                self._send(job)
+            except BaseException as failure:  # the runtime went away: the run ends with it
+                _settle(job.future, None, failure)
+
+    def _give_up(self, job: _Job, error: BaseException) -> None:
+        """The stream's attempt failed with its worker: a :class:`WorkerLostError`."""
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        lost = f"the Ray worker running the stream was lost ({type(error).__name__}: {first_line})"
+        tries = job.outcome.tries
+        tries.step, tries.error = "worker", WorkerLostError(lost)
+        _settle(job.future, job.outcome)
 
 
 def to_ipc(table: pa.Table) -> pa.Buffer:
