@@ -6,6 +6,8 @@ over the whole table; streams run at once are proved concurrent with a barrier, 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,7 @@ from arrowflow import interop
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 WAIT = 10.0  # seconds a stream waits for the others at the barrier before failing the test
 QUERY = "select *, employees * 2 as doubled, upper(name) as loud from batch where employees > 20"
@@ -310,6 +313,46 @@ def test_tables_join_the_stream_with_a_lookup_field(
     expected = by_duckdb(sql, batch=companies, sectors=sectors)
     assert result["companies"].cast(expected.schema).equals(expected)
     assert result["sectors"] is value  # read, never written
+
+
+CONCURRENT_QUERIES = """
+import sys
+import polars as pl
+import pyarrow as pa
+import arrowflow as af
+
+@af.intelligent_streaming(10, over="rows", max_concurrency=4)
+class Gate(af.Agent):
+    def call(self, context):
+        return None
+
+lookup = pa.table({"bucket": [0, 1, 2], "sector": ["a", "b", "c"]})
+join = af.sql_agent(
+    "select b.id, s.sector from batch b join lookup s on s.bucket = b.id % 3 order by b.id",
+    tables=("lookup",),
+)
+rows = pa.table({"id": range(4000)})
+given = lookup if sys.argv[1] == "arrow" else pl.from_arrow(lookup)
+result = (Gate >> join).run(rows=rows, lookup=given)["rows"]
+print(result.num_rows, result["sector"][3999])
+"""
+
+
+@pytest.mark.parametrize("lookup", ["arrow", "polars"])
+def test_a_script_running_queries_at_once_ends_cleanly(tmp_path: Path, lookup: str) -> None:
+    """400 streams, four at a time, join one lookup field; then the script exits.
+
+    Two ways this went wrong: a stream thread closing its DuckDB connection as the interpreter
+    exited aborted the process (SIGABRT, every time), and polars before 1.41 deadlocks the
+    interpreter exporting one frame from two threads at once (the dependency floor hung).
+    """
+    script = tmp_path / "queries.py"
+    script.write_text(CONCURRENT_QUERIES)
+    done = subprocess.run(
+        [sys.executable, str(script), lookup], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["4000", "a"]
 
 
 def test_tables_fields_are_not_candidates_for_over(companies: pa.Table, sectors: pa.Table) -> None:

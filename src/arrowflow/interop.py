@@ -26,6 +26,7 @@ by name.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import json
 import re
@@ -53,6 +54,8 @@ __all__ = ["polars_agent", "sql_agent"]
 
 #: The name under which a SQL agent's query sees the table of its field ``over``.
 STREAM_TABLE = "batch"
+
+_CONVERTING = threading.Lock()  # held while a field that is not an Arrow table is converted
 
 # How much of a query a SQL agent's default name shows, at most (cut at a space).
 _NAME_CHARS = 48
@@ -109,7 +112,13 @@ class _InteropAgent(Agent):
             )
         # A table goes as it is: polars and DuckDB read view types, and what they return is
         # normalised. Converting it again would cost a look at its schema per stream.
-        return value if type(value) is pa.Table else to_table(value)
+        if type(value) is pa.Table:
+            return value
+        # Streams running at once read the same frame (a lookup of ``tables=``): polars before
+        # 1.41 deadlocks the interpreter exporting one frame from two threads, and a DuckDB
+        # relation is tied to a connection that threads must not share. One at a time.
+        with _CONVERTING:
+            return to_table(value)
 
 
 def _names(context: Mapping[str, Any]) -> str:
@@ -256,7 +265,30 @@ def _wants_lazy(fn: Callable[..., Any], label: str) -> bool:
 
 # -- DuckDB ----------------------------------------------------------------------------------
 
-_local = threading.local()
+# Each thread's connection, by thread. Not a ``threading.local``: that closes a connection on
+# its thread as the thread ends, and a stream thread ending while the interpreter exits (the
+# last run's, just released) then aborts the process inside DuckDB's destructor. Here the
+# connections of ended threads are closed by the next thread that opens one, and at exit.
+_connections: dict[threading.Thread, duckdb.DuckDBPyConnection] = {}
+_connections_lock = threading.Lock()
+
+
+def _close_connections(*, at_exit: bool = False) -> None:
+    """Close the connections of the threads that ended (and, ``at_exit``, the exiting one's);
+    those of threads still running (a stream abandoned at exit) may be in use: left alone."""
+    current = threading.current_thread()
+    with _connections_lock:
+        done = [
+            thread
+            for thread in _connections
+            if not thread.is_alive() or (at_exit and thread is current)
+        ]
+        closing = [_connections.pop(thread) for thread in done]
+    for connection in closing:
+        connection.close()
+
+
+atexit.register(partial(_close_connections, at_exit=True))
 
 
 def _connection() -> duckdb.DuckDBPyConnection:
@@ -269,14 +301,18 @@ def _connection() -> duckdb.DuckDBPyConnection:
     drops them (cheaper than unregistering them one by one), so no query sees the tables of
     another, and none outlives its query.
     """
-    connection: duckdb.DuckDBPyConnection | None = getattr(_local, "connection", None)
-    if connection is None:
-        connection = duckdb.connect()
-        # A name that is no table of the catalog is looked up among the Python variables of
-        # the frame running the query, _scan's, and of no other (the default, made sure of):
-        # not the frames of the agent's callers.
-        connection.execute("set global python_scan_all_frames = false")
-        _local.connection = connection
+    thread = threading.current_thread()
+    connection = _connections.get(thread)
+    if connection is not None:
+        return connection
+    connection = duckdb.connect()
+    # A name that is no table of the catalog is looked up among the Python variables of the
+    # frame running the query, _scan's, and of no other (the default, made sure of): not the
+    # frames of the agent's callers.
+    connection.execute("set global python_scan_all_frames = false")
+    _close_connections()
+    with _connections_lock:
+        _connections[thread] = connection
     return connection
 
 
