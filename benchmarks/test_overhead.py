@@ -80,30 +80,38 @@ def streamed_flow(stream_size: int) -> af.Flow:
 
 
 def alternate(
-    benchmark: Any, hand: Callable[[], pa.Table], flow: af.Flow, table: pa.Table, rounds: int
-) -> tuple[pa.Table, list[float]]:
+    benchmark: Any,
+    hand: Callable[[], pa.Table],
+    flow: af.Flow,
+    table: pa.Table,
+    rounds: int,
+    expected: pa.Table,
+) -> list[float]:
     """``flow`` over ``table`` timed by pytest-benchmark for ``rounds`` rounds (after one warm-up
     round); before each, untimed by it, ``hand`` runs and is timed here, so the two alternate and
-    share the machine's state. Returns arrowflow's result and the hand rounds' seconds (the
-    warm-up's left out); both results are checked equal."""
+    share the machine's state. Returns the hand rounds' seconds (the warm-up's left out).
+
+    Both results are first checked equal to ``expected``. In the rounds each result is dropped
+    as it returns, inside its own timing: neither side runs while the other's result (one chunk
+    per stream, tens of thousands of small objects) is still held, which slowed both, by up to
+    40% for the hand loop, in ways that depended on which one was held.
+    """
+    assert hand().equals(expected)
+    assert flow.run(rows=table, progress=False)["rows"].equals(expected)
     seconds: list[float] = []
-    last: list[pa.Table] = []
 
     def hand_round() -> None:
         started = time.perf_counter()
-        result = hand()
+        hand()
         seconds.append(time.perf_counter() - started)
-        last[:] = [result]
 
-    def arrowflow_round() -> pa.Table:
-        result: pa.Table = flow.run(rows=table, progress=False)["rows"]
-        return result
+    def arrowflow_round() -> None:
+        flow.run(rows=table, progress=False)
 
-    result = benchmark.pedantic(
+    benchmark.pedantic(
         arrowflow_round, setup=hand_round, rounds=rounds, iterations=1, warmup_rounds=1
     )
-    assert result.equals(last[0])
-    return result, seconds[-rounds:]
+    return seconds[-rounds:]
 
 
 @pytest.fixture(scope="session")
@@ -124,10 +132,10 @@ def test_overhead(
     """arrowflow's rounds are timed by pytest-benchmark; before each, untimed by it, the hand
     loop runs and is timed here, so the two alternate and share the machine's state."""
     benchmark.group = f"stream size {stream_size:,} ({table.num_rows:,} rows)"
-    result, timed = alternate(
-        benchmark, lambda: hand_loop(table, stream_size), streamed_flow(stream_size), table, rounds
+    flow = streamed_flow(stream_size)
+    timed = alternate(
+        benchmark, lambda: hand_loop(table, stream_size), flow, table, rounds, expected
     )
-    assert result.equals(expected)
     overhead_report.add(stream_size, "hand_loop", min(timed), statistics.median(timed), rounds)
     stats = benchmark.stats.stats
     overhead_report.add(stream_size, "arrowflow", stats.min, stats.median, rounds)
@@ -165,8 +173,7 @@ def test_overhead_of_steps_that_do_nothing(
             [table.slice(offset, size) for offset in range(0, table.num_rows, size)]
         )
 
-    result, hand_seconds = alternate(benchmark, slices, identity_flow(size), table, rounds)
-    assert result.equals(table)
+    hand_seconds = alternate(benchmark, slices, identity_flow(size), table, rounds, table)
     hand = min(hand_seconds)
     best = benchmark.stats.stats.min
     per_stream = (best - hand) / -(-table.num_rows // size) * 1e6
