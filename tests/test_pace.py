@@ -10,7 +10,7 @@ import pyarrow as pa
 
 import arrowflow as af
 from arrowflow import _pace, executor
-from arrowflow._pace import PARALLEL, SHORT_SECONDS, WINDOW_SECONDS, WINDOW_STREAMS, Pace
+from arrowflow._pace import LONG_IN_A_ROW, SHORT_SECONDS, WINDOW_SECONDS, WINDOW_STREAMS, Pace
 from arrowflow._stream import StreamOutcome
 
 if TYPE_CHECKING:
@@ -29,27 +29,24 @@ class Clock:
         return self.now
 
 
-def _outcome(seconds: float, cpu_seconds: float) -> StreamOutcome:
+def _outcome(seconds: float) -> StreamOutcome:
     outcome = StreamOutcome(1, ROWS)
     outcome.tries.seconds = seconds
-    outcome.cpu_seconds = cpu_seconds
     return outcome
 
 
-def _window(
-    pace: Pace, clock: Clock, *, every: float, seconds: float, cpu: float, on_thread: bool
-) -> None:
+def _window(pace: Pace, clock: Clock, *, every: float, seconds: float, on_thread: bool) -> None:
     """One completion, then a window's worth more, ``every`` seconds apart."""
     streams = max(WINDOW_STREAMS, int(WINDOW_SECONDS / every) + 1)
     for _ in range(streams + 1):
         clock.now += every
-        pace.completed(_outcome(seconds, cpu), on_thread=on_thread)
+        pace.completed(_outcome(seconds), on_thread=on_thread)
 
 
 def test_one_stream_at_a_time_is_settled_from_the_start() -> None:
     pace = Pace(1)
     assert pace.width == 1
-    _window(pace, Clock(), every=0.001, seconds=0.001, cpu=0.001, on_thread=False)
+    _window(pace, Clock(), every=0.001, seconds=0.001, on_thread=False)
     assert pace.width == 1
 
 
@@ -57,19 +54,22 @@ def test_streams_that_wait_keep_their_threads() -> None:
     """Long streams using no CPU (a model call, an API): threads, for good."""
     clock = Clock()
     pace = Pace(16, clock)
-    _window(pace, clock, every=0.003, seconds=SHORT_SECONDS * 10, cpu=0.0, on_thread=True)
+    _window(pace, clock, every=0.003, seconds=SHORT_SECONDS * 10, on_thread=True)
     assert pace.width == 16
-    _window(pace, clock, every=0.0001, seconds=0.0001, cpu=0.0001, on_thread=True)
+    _window(pace, clock, every=0.0001, seconds=0.0001, on_thread=True)
     assert pace.width == 16  # settled: short streams later do not change it
 
 
 def test_short_streams_whose_work_runs_at_once_keep_their_threads() -> None:
-    """Short streams, but the two threads together use the CPU more than PARALLEL of the time
-    (kernels that release the GIL)."""
+    """Short streams that complete more rows per second on threads (kernels releasing the
+    GIL) go back to threads after the window one at a time, for good."""
     clock = Clock()
     pace = Pace(2, clock)
-    every = 0.001
-    _window(pace, clock, every=every, seconds=0.002, cpu=every * PARALLEL * 1.1, on_thread=True)
+    _window(pace, clock, every=0.001, seconds=0.002, on_thread=True)
+    assert pace.width == 1  # short streams: measured one at a time too
+    _window(pace, clock, every=0.0015, seconds=0.0015, on_thread=False)
+    assert pace.width == 2
+    _window(pace, clock, every=0.0001, seconds=0.0001, on_thread=True)
     assert pace.width == 2
 
 
@@ -77,35 +77,49 @@ def test_short_streams_taking_turns_run_one_at_a_time_when_that_is_faster() -> N
     clock = Clock()
     pace = Pace(2, clock)
     # On threads: a stream every 0.4 ms, each thread mostly waiting for the GIL.
-    _window(pace, clock, every=0.0004, seconds=0.0008, cpu=0.0003, on_thread=True)
+    _window(pace, clock, every=0.0004, seconds=0.0008, on_thread=True)
     assert pace.width == 1  # now trying one at a time
-    _window(pace, clock, every=0.0003, seconds=0.0003, cpu=0.0003, on_thread=False)
+    _window(pace, clock, every=0.0003, seconds=0.0003, on_thread=False)
     assert pace.width == 1
     # Settled one at a time: further short streams keep it so.
-    _window(pace, clock, every=0.0003, seconds=0.0003, cpu=0.0003, on_thread=False)
+    _window(pace, clock, every=0.0003, seconds=0.0003, on_thread=False)
     assert pace.width == 1
 
 
 def test_one_at_a_time_slower_than_threads_goes_back_to_threads() -> None:
     clock = Clock()
     pace = Pace(2, clock)
-    _window(pace, clock, every=0.0004, seconds=0.0008, cpu=0.0003, on_thread=True)
+    _window(pace, clock, every=0.0004, seconds=0.0008, on_thread=True)
     assert pace.width == 1
-    _window(pace, clock, every=0.0006, seconds=0.0006, cpu=0.0006, on_thread=False)
+    _window(pace, clock, every=0.0006, seconds=0.0006, on_thread=False)
     assert pace.width == 2
 
 
-def test_a_long_stream_while_one_at_a_time_sends_the_run_back_to_threads() -> None:
+def test_long_streams_while_one_at_a_time_send_the_run_back_to_threads() -> None:
     clock = Clock()
     pace = Pace(4, clock)
-    _window(pace, clock, every=0.0004, seconds=0.0008, cpu=0.0003, on_thread=True)
-    _window(pace, clock, every=0.0003, seconds=0.0003, cpu=0.0003, on_thread=False)
+    _window(pace, clock, every=0.0004, seconds=0.0008, on_thread=True)
+    _window(pace, clock, every=0.0003, seconds=0.0003, on_thread=False)
     assert pace.width == 1
-    clock.now += SHORT_SECONDS
-    pace.completed(_outcome(SHORT_SECONDS, 0.0), on_thread=False)
+    for _ in range(LONG_IN_A_ROW):
+        clock.now += SHORT_SECONDS
+        pace.completed(_outcome(SHORT_SECONDS), on_thread=False)
     assert pace.width == 4
-    _window(pace, clock, every=0.0003, seconds=0.0003, cpu=0.0003, on_thread=True)
+    _window(pace, clock, every=0.0003, seconds=0.0003, on_thread=True)
     assert pace.width == 4  # for good
+
+
+def test_one_stream_held_up_by_a_pause_keeps_the_run_one_at_a_time() -> None:
+    """A garbage collection or another process stalls one stream: not a change of the work."""
+    clock = Clock()
+    pace = Pace(4, clock)
+    _window(pace, clock, every=0.0004, seconds=0.0008, on_thread=True)
+    _window(pace, clock, every=0.0003, seconds=0.0003, on_thread=False)
+    for _ in range(3):
+        for seconds in (SHORT_SECONDS * 4, *[0.0003] * (LONG_IN_A_ROW - 1)):
+            clock.now += seconds
+            pace.completed(_outcome(seconds), on_thread=False)
+    assert pace.width == 1
 
 
 def test_streams_started_before_a_change_do_not_count_in_the_next_window() -> None:
@@ -113,10 +127,10 @@ def test_streams_started_before_a_change_do_not_count_in_the_next_window() -> No
     they are not measured as streams run one at a time."""
     clock = Clock()
     pace = Pace(2, clock)
-    _window(pace, clock, every=0.0004, seconds=0.0008, cpu=0.0003, on_thread=True)
+    _window(pace, clock, every=0.0004, seconds=0.0008, on_thread=True)
     # Thread streams completing fast would make one at a time look faster than it is.
-    _window(pace, clock, every=0.00001, seconds=0.0001, cpu=0.0001, on_thread=True)
-    _window(pace, clock, every=0.0006, seconds=0.0006, cpu=0.0006, on_thread=False)
+    _window(pace, clock, every=0.00001, seconds=0.0001, on_thread=True)
+    _window(pace, clock, every=0.0006, seconds=0.0006, on_thread=False)
     assert pace.width == 2
 
 
@@ -164,12 +178,11 @@ def test_the_run_follows_its_pace_and_keeps_stream_order(monkeypatch: pytest.Mon
 def test_short_cpu_streams_end_up_on_the_runs_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """Short streams, max_concurrency=2: after the first windows, streams run on the run's own
     thread, and the result is what one thread gives. The measurements are fixed (every stream
-    short, never parallel, both ways equally fast: one at a time is kept when not slower) so
+    short, both ways equally fast: one at a time is kept when not slower) so
     that the run's following of the rule is under test, not the machine's speed."""
     monkeypatch.setattr(_pace, "WINDOW_STREAMS", 4)
     monkeypatch.setattr(_pace, "WINDOW_SECONDS", 0.0)
     monkeypatch.setattr(_pace, "SHORT_SECONDS", float("inf"))
-    monkeypatch.setattr(_pace, "PARALLEL", float("inf"))
     monkeypatch.setattr(_pace._Window, "rate", lambda window: 1.0)
     ran_on: list[bool] = []
 

@@ -104,9 +104,6 @@ class StreamOutcome:
         tries: the attempts of the agents (and state callables), and how the last failed.
         persisted: the attempts to persist the stream, counted apart from the agents' (``None``
             until it is persisted).
-        cpu_seconds: the CPU time of the pool thread that ran the stream, while it ran (set
-            by the executor, for its pace; attempts with a ``timeout`` run on threads of their
-            own: not counted).
     """
 
     stream_num: int
@@ -118,7 +115,6 @@ class StreamOutcome:
     produced: pa.Table | None = None
     skipped: int = 0
     loaded: int = 0
-    cpu_seconds: float = 0.0
 
     @property
     def failure(self) -> Tries | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future, wait
@@ -292,7 +291,7 @@ class _ScopeRun:
             return self.remote.start(stream)
         if self.pool is None or self.pace.one_at_a_time:
             return run_stream(self.plan, stream)
-        return self.pool.submit(_run_on_thread, self.plan, stream)
+        return self.pool.submit(run_stream, self.plan, stream)
 
     def _is_failing(self) -> bool:
         """Whether no new stream should start: a failure under ``on_error="raise"`` is known,
@@ -528,14 +527,6 @@ class _ScopeRun:
         self.executor.execution_stats = self.recorder.as_dict()
         if self.began and self.store is not None:
             self.store.end_run(self.executor.execution_stats, self.status)
-
-
-def _run_on_thread(plan: StreamPlan, stream: StreamInfo) -> StreamOutcome:
-    """:func:`run_stream` on a pool thread, with that thread's CPU time (the pace weighs it)."""
-    cpu = time.thread_time()
-    outcome = run_stream(plan, stream)
-    outcome.cpu_seconds = time.thread_time() - cpu
-    return outcome
 
 
 def _nothing() -> None:
