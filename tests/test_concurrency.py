@@ -284,6 +284,35 @@ def test_parallelism_reaches_the_limit_and_never_exceeds_it(
     assert result.stats[0]["successful_batches"] == 20
 
 
+@pytest.mark.parametrize("input_kind", ["table", "reader"])
+def test_a_free_thread_takes_the_next_stream_while_an_earlier_one_runs(
+    make_companies, passthrough, input_kind: str
+) -> None:
+    """Stream 1 runs until stream 3 has started, on two threads: from a table, stream 3 waits
+    for a thread beyond ``max_concurrency`` and the thread that ran stream 2 takes it at once;
+    from a reader, no stream is cut beyond ``max_concurrency`` (memory), so stream 3 starts
+    only once stream 1 completed."""
+    table = make_companies(12)
+    third_started = threading.Event()
+    waited: list[bool] = []
+
+    @_streaming(3, max_concurrency=2)
+    class Work(af.Agent):
+        def call(self, context: Any) -> None:
+            stream = _stream_num(context)
+            if stream == 3:
+                third_started.set()
+            elif stream == 1:
+                waited.append(third_started.wait(WAIT if input_kind == "table" else 0.2))
+
+    source = table if input_kind == "table" else _counting_reader(table, 3, [0])
+    result = (Work >> passthrough).run(companies=source)
+
+    assert waited == [input_kind == "table"]
+    assert result["companies"].equals(table)
+    assert result.stats[0]["successful_batches"] == 4
+
+
 def test_sequential_scope_runs_one_stream_at_a_time(make_companies, passthrough) -> None:
     peak = Peak()
 
@@ -485,15 +514,19 @@ class _CountingSink:
 
 
 def _allocating_run(
-    limit: int, sink: Any, streams: int, size: int
+    limit: int, sink: Any, streams: int, size: int, *, from_table: bool = False
 ) -> tuple[list[int], af.PipelineResult]:
-    """Stream ``streams`` freshly allocated batches through a scope adding a column.
+    """Stream ``streams`` freshly allocated batches (or, ``from_table``, the slices of a table
+    allocated before the run) through a scope adding a column.
 
     Returns Arrow's allocated bytes (over the run's start) seen by each stream's agent, and the
     run's result.
     """
     schema = pa.schema([("x", pa.float64())])
     base = pa.array(range(size), pa.float64())
+    table = None
+    if from_table:
+        table = pa.concat_arrays([pc.add(base, float(k)) for k in range(streams)])
     start = pa.total_allocated_bytes()
     seen: list[int] = []
     lock = threading.Lock()
@@ -511,18 +544,37 @@ def _allocating_run(
                 seen.append(pa.total_allocated_bytes() - start)
             return {"rows": doubled}
 
+    if table is not None:
+        return seen, af.Flow(Double).run(rows=pa.table({"x": table}), sink=sink)
     reader = pa.RecordBatchReader.from_batches(schema, batches())
     return seen, af.Flow(Double).run(rows=reader, sink=sink)
 
 
+def _column_bytes(size: int) -> int:
+    """What Arrow allocates for the column the agent of :func:`_allocating_run` adds to a stream
+    of ``size`` rows: a little more than 8 bytes a row (a kernel over a table's column)."""
+    rows = pa.table({"x": pa.array(range(size), pa.float64())})
+    before = pa.total_allocated_bytes()
+    column = pc.multiply(rows["x"], 2.0)
+    allocated = pa.total_allocated_bytes() - before
+    del column
+    return allocated
+
+
 @pytest.mark.parametrize("limit", [1, 4])
-def test_at_most_limit_plus_two_streams_held(limit: int) -> None:
+@pytest.mark.parametrize("from_table", [False, True], ids=["reader", "table"])
+def test_at_most_limit_plus_two_streams_held(limit: int, from_table: bool) -> None:
+    """From a reader, each stream allocates its input column and the added one; from a table in
+    memory, only the added one (a slice costs nothing, even one waiting for a thread). Beyond
+    the streams, the run holds a few small arrays of its own (``run_bytes``), whatever the
+    number of streams."""
     size = 20_000
-    stream_bytes = size * 8 * 2  # the input column and the added one
+    stream_bytes = _column_bytes(size) * (1 if from_table else 2)
+    run_bytes = 4096
     sink = _CountingSink()
-    seen, _ = _allocating_run(limit, sink, streams=60, size=size)
+    seen, _ = _allocating_run(limit, sink, streams=60, size=size, from_table=from_table)
     assert sink.written == [size] * 60
-    assert max(seen) <= (limit + 2) * stream_bytes, (
+    assert max(seen) <= (limit + 2) * stream_bytes + run_bytes, (
         f"{max(seen) / stream_bytes:.1f} streams held at once, at most {limit + 2} allowed"
     )
 
@@ -867,9 +919,10 @@ def test_failure_stops_scheduling_and_keeps_completed_streams_in_order(
 
     started = [k for event, k in timeline if event == "start"]
     assert started == list(range(1, len(started) + 1))
-    # Nothing is scheduled once the failure is known, beyond the streams then in flight.
+    # Nothing is scheduled once the failure is known, beyond the streams then in flight:
+    # max_concurrency of them, and one waiting for a thread (a slice of a table).
     assert timeline.index(("error", failing)) == len(timeline) - 1
-    assert max(started) <= failing + limit - 1
+    assert max(started) <= failing + limit - 1 + (limit > 1)
     assert called == set(started)
 
     completed = sorted(called - {failing})
@@ -911,8 +964,12 @@ def test_failure_waits_for_streams_in_flight(make_companies, passthrough) -> Non
     with pytest.raises(af.BatchExecutionError) as exc_info:
         (Work >> passthrough).run(companies=table)
 
-    assert entered == exited == {1, 2, 3, 4}
-    assert exc_info.value.partial_results["companies"].equals(_tagged(table, 5, [1, 2, 4]))
+    # Stream 5 is in flight too if stream 2 completed before stream 3 failed (it waited for a
+    # thread beyond max_concurrency): it completes as well.
+    assert entered == exited
+    assert {1, 2, 3, 4} <= entered <= {1, 2, 3, 4, 5}
+    completed = sorted(entered - {3})
+    assert exc_info.value.partial_results["companies"].equals(_tagged(table, 5, completed))
 
 
 def test_stream_stops_delivering_at_the_failure(make_companies, passthrough) -> None:
@@ -948,7 +1005,7 @@ def test_stopping_the_stream_early_schedules_nothing_more(make_companies) -> Non
     parts.close()
     assert first.stream_num == 1
     assert started == list(range(1, len(started) + 1))
-    assert len(started) <= 3
+    assert len(started) <= 3 + 1  # max_concurrency, and one waiting for a thread
     assert later == []
 
 

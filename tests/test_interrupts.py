@@ -257,12 +257,13 @@ def test_ctrl_c_stops_the_run_and_a_rerun_resumes(
     assert [num for num, status in statuses.items() if status == "ok"] == kept
     assert "failed" not in streams["status"]  # an interrupt is never a stream failure
     if mode == "stuck":
-        # Streams 6 to 8 had returned from the agent when the signal was sent; each is kept if
-        # it had also completed, else cut off with stream 5, still stuck.
+        # Streams 6 to 8 had returned from the agent when the signal was sent, and stream 9
+        # (in flight beyond max_concurrency, waiting for a thread) may have run too; each is
+        # kept if it had also completed, else cut off with stream 5, still stuck.
         assert kept[:4] == [1, 2, 3, 4]
-        assert set(kept[4:]) <= {6, 7, 8}
+        assert set(kept[4:]) <= {6, 7, 8, 9}
         cut = [num for num, status in statuses.items() if status == "interrupted"]
-        assert sorted(kept + cut) == list(range(1, 9))
+        assert sorted(kept + cut) == list(range(1, 10))
         assert 5 in cut
     else:
         assert kept == list(range(1, BLOCK_AT))

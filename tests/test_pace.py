@@ -138,10 +138,11 @@ def test_streams_started_before_a_change_do_not_count_in_the_next_window() -> No
 
 
 class Scripted(Pace):
-    """A pace that runs streams 1-3 on threads, 4-6 one at a time, then threads again."""
+    """A pace that goes one at a time once stream 3 completed, threads again once stream 7
+    completed."""
 
     def completed(self, outcome: StreamOutcome, *, on_thread: bool) -> None:
-        self.width = 1 if 3 <= outcome.stream_num < 6 else self.limit
+        self.width = 1 if 3 <= outcome.stream_num < 7 else self.limit
 
 
 def test_the_run_follows_its_pace_and_keeps_stream_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,9 +167,11 @@ def test_the_run_follows_its_pace_and_keeps_stream_order(monkeypatch: pytest.Mon
     rows = pa.table({"n": range(20)})
     result = af.Flow(Tag).run(rows=rows)
 
-    # Stream k completes before stream k + 1 starts once the width is 1: 4 starts while 3 is
-    # still on a thread, so 5 and 6 run on the run's own thread, 7 on a thread again.
-    assert [k for k, here in sorted(ran_on.items()) if here] == [5, 6]
+    # Stream k completes before stream k + 1 starts once the width is 1. Three streams are in
+    # flight on threads (max_concurrency, and one waiting for a thread: a slice of a table), so
+    # 4 and 5 start while 3 is still on a thread; 6 and 7 run on the run's own thread, 8 on a
+    # thread again.
+    assert [k for k, here in sorted(ran_on.items()) if here] == [6, 7]
     assert result["rows"]["n"].to_pylist() == list(range(20))
     assert result["rows"]["stream"].to_pylist() == [k // 2 + 1 for k in range(20)]
     assert completed == list(range(1, 11))
