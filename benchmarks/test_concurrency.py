@@ -11,7 +11,9 @@ reported is ideal / measured time (1.0 is perfect, the goal is at least 0.9).
 beside the hand-written loop and the peer polars ``iter_slices`` (the same steps as polars
 expressions on each slice, concatenated in order). Goals for ``max_concurrency=2`` over ``1``:
 at most 1.1x at 1,000 rows per stream, at least 1.3x faster (at most 0.77x) at 100,000.
-``ARROWFLOW_BENCH_CPU_ROUNDS`` sets the rounds (default 10).
+Best of 10 rounds at 1,000 rows per stream, 20 at 10,000 and 40 at 100,000 (a round is then
+about 0.4 s: a slow spell of the machine spans several); ``ARROWFLOW_BENCH_CPU_ROUNDS`` sets
+one number for all.
 """
 
 from __future__ import annotations
@@ -98,7 +100,12 @@ def streamed_flow(stream_size: int, max_concurrency: int) -> af.Flow:
 
 #: Goals of ``max_concurrency=2`` over ``max_concurrency=1`` (time ratio), per stream size.
 CPU_GOALS = {1_000: ("<=", 1.1), 100_000: ("<=", 1 / 1.3)}
-CPU_ROUNDS = int(os.environ.get("ARROWFLOW_BENCH_CPU_ROUNDS", "10"))
+_ROUNDS = os.environ.get("ARROWFLOW_BENCH_CPU_ROUNDS")
+#: Rounds per stream size (module docstring).
+CPU_ROUNDS = {
+    size: int(_ROUNDS) if _ROUNDS else default
+    for size, default in {1_000: 10, 10_000: 20, 100_000: 40}.items()
+}
 
 
 def polars_slices(table: pa.Table, stream_size: int) -> pa.Table:
@@ -127,6 +134,7 @@ def test_cpu_work_with_two_threads(
     order would always hand that to the same runner. All four results are checked equal."""
     benchmark.group = f"CPU work, stream size {stream_size:,} ({table.num_rows:,} rows)"
     expected = hand_loop(table, max(table.num_rows, 1))
+    rounds = CPU_ROUNDS[stream_size]
     sequential, threads = streamed_flow(stream_size, 1), streamed_flow(stream_size, 2)
     seconds: dict[str, list[float]] = {"hand loop": [], "max_concurrency=1": [], "polars": []}
 
@@ -152,14 +160,14 @@ def test_cpu_work_with_two_threads(
         return result
 
     result = benchmark.pedantic(
-        two_threads, setup=others, rounds=CPU_ROUNDS, iterations=1, warmup_rounds=1
+        two_threads, setup=others, rounds=rounds, iterations=1, warmup_rounds=1
     )
     assert result.equals(expected)
-    best = {name: min(times[-CPU_ROUNDS:]) for name, times in seconds.items()}
+    best = {name: min(times[-rounds:]) for name, times in seconds.items()}
     best["max_concurrency=2"] = benchmark.stats.stats.min
     ratio = best["max_concurrency=2"] / best["max_concurrency=1"]
     line = (
-        f"{stream_size:>11,}  "
+        f"{stream_size:>11,}  {rounds:>6}  "
         + "  ".join(f"{best[name]:>8.3f}s" for name in PEERS)
         + f"  {ratio:>6.2f}x"
     )
@@ -169,9 +177,9 @@ def test_cpu_work_with_two_threads(
         line += f"  goal {goal[0]} {goal[1]:.2f}x: {met}"
     figures.add(
         "CPU work: three vectorised steps, best of rounds (seconds)",
-        f"{table.num_rows:,} rows, best of {CPU_ROUNDS} rounds; ratio = max_concurrency=2 / "
+        f"{table.num_rows:,} rows, best of the rounds; ratio = max_concurrency=2 / "
         "max_concurrency=1\n"
-        f"{'rows/stream':>11}  "
+        f"{'rows/stream':>11}  {'rounds':>6}  "
         + "  ".join(f"{label:>9}" for label in PEERS.values())
         + "   ratio",
         line,

@@ -3,7 +3,7 @@
 Threads pay off when a stream's work waits (a model call, an API) or spends long in kernels that
 release the GIL. When each stream takes a fraction of a millisecond of Python-bound work, they
 cost instead: every stream is handed to a thread and back, and the threads take turns on the
-GIL; measured on 2 cores, three pyarrow steps over 1,000-row streams ran 1.5x slower on two
+GIL; measured on 2 cores, three pyarrow steps over 1,000-row streams ran 1.5x to 2.5x slower on two
 threads than on the run's own.
 
 So a run with ``max_concurrency > 1`` starts with its streams on threads and watches them:
@@ -40,9 +40,13 @@ SHORT_SECONDS = 0.005
 #: Streams in a row, run one at a time, taking SHORT_SECONDS or more that send a run to threads.
 LONG_IN_A_ROW = 2
 #: A window spans at least this many completed streams ...
-WINDOW_STREAMS = 16
-#: ... and at least this many seconds.
-WINDOW_SECONDS = 0.02
+WINDOW_STREAMS = 8
+#: ... and at least this many seconds. The window run the slower way costs a part of its
+#: length, once per run; a shorter window is more easily misled by a pause of the machine:
+#: when threads are ``s`` times slower, only a pause longer than ``(s - 1) * WINDOW_SECONDS``
+#: in the window run one at a time makes threads look faster (15 ms at 1,000 rows per stream
+#: of pyarrow steps, where ``s`` measured 2.5).
+WINDOW_SECONDS = 0.01
 
 _THREADS, _TRYING_ONE, _ONE, _SETTLED = "threads", "trying one at a time", "one at a time", "set"
 
