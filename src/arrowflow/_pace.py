@@ -3,8 +3,8 @@
 Threads pay off when a stream's work waits (a model call, an API) or spends long in kernels that
 release the GIL. When each stream takes a fraction of a millisecond of Python-bound work, they
 cost instead: every stream is handed to a thread and back, and the threads take turns on the
-GIL; measured on 2 cores, three pyarrow steps over 1,000-row streams ran 1.5x to 2.5x slower on two
-threads than on the run's own.
+GIL; measured on 2 cores, three pyarrow steps over 1,000-row streams ran 1.5x to 2.5x slower on
+two threads than on the run's own.
 
 So a run with ``max_concurrency > 1`` starts with its streams on threads and watches them:
 
